@@ -83,6 +83,11 @@ class Pin:
             r._pin()
 
     @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        """The regions this pin holds (empty once released)."""
+        return tuple(self._regions)
+
+    @property
     def released(self) -> bool:
         return not self._regions and not self.views
 

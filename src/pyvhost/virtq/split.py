@@ -1,0 +1,423 @@
+"""The device side of a split virtqueue.
+
+A processing loop, as a device runs it:
+
+    queue.disable_notification()
+    while True:
+        while (chain := queue.pop()) is not None:
+            written = handle(chain.readable, chain.writable)   # zero-copy views
+            queue.push_used(chain.head, written)
+        if not queue.enable_notification():   # nothing slipped in meanwhile
+            break
+    if queue.needs_notification():
+        signal_the_driver()
+
+Everything the ring says is the guest's word, and the guest may be hostile.
+Any structural lie (a loop, an index past the table, a nested or mis-sized
+indirect table, a readable buffer after a writable one, an avail.idx running
+ahead, a buffer outside guest memory) marks this queue broken: `broken` holds
+the specific QueueError, it is logged, and pop() returns None from then on.
+Nothing is raised to the caller and no other queue is affected.
+
+The rings are read and written through views kept for the queue's life
+(pinned in guest memory), not by translating an address per field; when the
+memory map changes under a ring, a listener re-resolves the views.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyvhost.errors import (
+    AvailIndexError,
+    ChainLengthError,
+    ChainTooLongError,
+    DescriptorIndexError,
+    DescriptorMemoryError,
+    DescriptorOrderError,
+    GuestMemoryError,
+    IndirectDescriptorError,
+    QueueConfigError,
+    QueueError,
+)
+from pyvhost.memory import GuestMemory, MemoryRegion, Pin
+from pyvhost.virtq.layout import (
+    AVAIL_ALIGN,
+    DESC,
+    DESC_ALIGN,
+    MAX_CHAIN_BYTES,
+    MAX_INDIRECT_ENTRIES,
+    RING_ENTRIES,
+    RING_FLAGS,
+    RING_IDX,
+    U16,
+    USED_ALIGN,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_event_offset,
+    avail_ring_size,
+    desc_table_size,
+    full_fence,
+    is_valid_queue_size,
+    need_event,
+    used_event_offset,
+    used_ring_size,
+)
+
+log = logging.getLogger(__name__)
+
+_unpack_desc = DESC.unpack_from
+_unpack_u16 = U16.unpack_from
+_pack_u16 = U16.pack_into
+_pack_used = USED_ELEM.pack_into
+
+
+class DescriptorChain:
+    """One available chain: device-readable then device-writable guest buffers."""
+
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        readable_len: int,
+        writable_len: int,
+    ) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, readable={self.readable_len}B"
+            f"/{len(self.readable)}, writable={self.writable_len}B/{len(self.writable)})"
+        )
+
+
+class SplitQueue:
+    """Device side of one split virtqueue in guest memory."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        next_avail: int = 0,
+        name: str = "vq",
+    ) -> None:
+        if not is_valid_queue_size(size):
+            raise QueueConfigError(f"{name}: queue size {size} is not a power of two <= 32768")
+        for what, addr, align in (
+            ("descriptor table", desc_addr, DESC_ALIGN),
+            ("avail ring", avail_addr, AVAIL_ALIGN),
+            ("used ring", used_addr, USED_ALIGN),
+        ):
+            if addr % align:
+                raise QueueConfigError(f"{name}: {what} at 0x{addr:x} is not {align}-aligned")
+        self.name = name
+        self.size = size
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.broken: QueueError | None = None
+        self._memory = memory
+        self._mask = size - 1
+        self._used_event_off = used_event_offset(size)
+        self._avail_event_off = avail_event_offset(size)
+        self._pins: list[Pin] = []
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
+        self._map_rings()  # raises QueueConfigError if a ring is not in guest memory
+        self._next_avail = next_avail & 0xFFFF
+        self._shadow_avail = self._next_avail  # avail.idx as last read
+        self._next_used = _unpack_u16(self._used, RING_IDX)[0]
+        self._signalled_used: int | None = None  # used idx at the last notify decision
+        memory.add_listener(self)
+
+    # --- state the vhost-user layer reads and sets ------------------------------
+
+    @property
+    def next_avail(self) -> int:
+        """Index of the next avail entry to consume (GET_VRING_BASE reports it)."""
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        return self._next_used
+
+    @property
+    def ready(self) -> bool:
+        """Rings mapped and not broken: pop() can make progress."""
+        return self.broken is None and self._avail is not None
+
+    def close(self) -> None:
+        """Stop using guest memory: drop the ring views and the listener."""
+        self._unmap_rings()
+        try:
+            self._memory.remove_listener(self)
+        except ValueError:
+            pass
+
+    # --- consuming available chains ------------------------------------------------
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None (empty, broken, or rings unmapped)."""
+        avail = self._avail
+        if avail is None or self.broken is not None:
+            return None
+        na = self._next_avail
+        if na == self._shadow_avail:
+            # avail.idx is read once per batch: only when the last read is used up.
+            idx = _unpack_u16(avail, RING_IDX)[0]
+            ahead = (idx - na) & 0xFFFF
+            if ahead > self.size:
+                self._break(
+                    AvailIndexError(
+                        f"avail.idx {idx} is {ahead} entries ahead of the device's {na}, "
+                        f"more than the queue size {self.size}"
+                    )
+                )
+                return None
+            if ahead == 0:
+                return None
+            self._shadow_avail = idx
+        head = _unpack_u16(avail, RING_ENTRIES + 2 * (na & self._mask))[0]
+        self._next_avail = (na + 1) & 0xFFFF
+        try:
+            return self._walk(head)
+        except QueueError as e:
+            self._break(e)
+        except GuestMemoryError as e:
+            self._break(DescriptorMemoryError(f"chain at head {head}: {e}"))
+        return None
+
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains."""
+        out: list[DescriptorChain] = []
+        pop = self.pop
+        while len(out) < limit:
+            chain = pop()
+            if chain is None:
+                break
+            out.append(chain)
+        return out
+
+    def _walk(self, head: int) -> DescriptorChain:
+        size = self.size
+        if head >= size:
+            raise DescriptorIndexError(f"avail ring names head {head}, past a table of {size}")
+        gather = self._memory.gather
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        table = self._desc
+        limit = size
+        idx = head
+        count = 0
+        in_indirect = False
+        while True:
+            count += 1
+            if count > limit:
+                raise ChainTooLongError(
+                    f"chain at head {head} has more than {limit} descriptors (a loop?)"
+                )
+            addr, length, flags, nxt = _unpack_desc(table, idx << 4)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                table, limit = self._indirect_table(head, in_indirect, addr, length, flags)
+                in_indirect = True
+                idx = 0
+                count = 0
+                continue
+            if flags & VIRTQ_DESC_F_WRITE:
+                gather(addr, length, writable, True)
+                wlen += length
+            else:
+                if writable:
+                    raise DescriptorOrderError(
+                        f"chain at head {head}: descriptor {idx} is device-readable "
+                        "after a device-writable one"
+                    )
+                gather(addr, length, readable, False)
+                rlen += length
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= limit:
+                raise DescriptorIndexError(
+                    f"chain at head {head}: next index {nxt} is past a table of {limit}"
+                )
+            idx = nxt
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            raise ChainLengthError(f"chain at head {head} spans {rlen + wlen} bytes")
+        return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    def _indirect_table(
+        self, head: int, in_indirect: bool, addr: int, length: int, flags: int
+    ) -> tuple[memoryview | bytes, int]:
+        if not self.indirect:
+            raise IndirectDescriptorError(
+                f"chain at head {head} uses an indirect table, but INDIRECT_DESC was not negotiated"
+            )
+        if in_indirect:
+            raise IndirectDescriptorError(f"chain at head {head} nests an indirect table")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise IndirectDescriptorError(
+                f"chain at head {head}: an indirect descriptor also has NEXT set"
+            )
+        if length == 0 or length % 16:
+            raise IndirectDescriptorError(
+                f"chain at head {head}: indirect table length {length} is not a "
+                "non-zero multiple of 16"
+            )
+        entries = length // 16
+        if entries > MAX_INDIRECT_ENTRIES:
+            raise IndirectDescriptorError(
+                f"chain at head {head}: indirect table of {entries} entries "
+                f"(at most {MAX_INDIRECT_ENTRIES} are addressable)"
+            )
+        views = self._memory.translate(addr, length)
+        # A table split across regions is rare: copy it rather than refuse it.
+        table = views[0] if len(views) == 1 else b"".join(views)
+        return table, entries
+
+    # --- returning used chains -----------------------------------------------------
+
+    def push_used(self, head: int, written: int) -> None:
+        """Return one chain to the driver and publish it at once."""
+        used = self._used
+        if used is None:
+            return
+        if not 0 <= head < self.size:
+            raise DescriptorIndexError(f"{self.name}: used head {head} is past the table")
+        nu = self._next_used
+        _pack_used(used, RING_ENTRIES + 8 * (nu & self._mask), head, written)
+        nu = (nu + 1) & 0xFFFF
+        self._next_used = nu
+        # x86 keeps these two stores in order: the element is visible first.
+        _pack_u16(used, RING_IDX, nu)
+
+    def push_used_batch(self, completions: list[tuple[int, int]]) -> None:
+        """Return several chains, publishing used.idx once after all elements."""
+        used = self._used
+        if used is None or not completions:
+            return
+        size = self.size
+        mask = self._mask
+        nu = self._next_used
+        for head, written in completions:
+            if not 0 <= head < size:
+                raise DescriptorIndexError(f"{self.name}: used head {head} is past the table")
+            _pack_used(used, RING_ENTRIES + 8 * (nu & mask), head, written)
+            nu = (nu + 1) & 0xFFFF
+        self._next_used = nu
+        _pack_u16(used, RING_IDX, nu)
+
+    # --- notifications ---------------------------------------------------------------
+
+    def needs_notification(self) -> bool:
+        """Should the driver be signalled for what was pushed since the last check?"""
+        avail = self._avail
+        if avail is None:
+            return False
+        if not self.event_idx:
+            return not _unpack_u16(avail, RING_FLAGS)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        new = self._next_used
+        old = self._signalled_used
+        self._signalled_used = new
+        if old is None:
+            return True  # first decision: nothing to compare against
+        full_fence()  # our used.idx store must land before we read used_event
+        used_event = _unpack_u16(avail, self._used_event_off)[0]
+        return need_event(used_event, new, old)
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick while we are polling anyway."""
+        if self._used is not None and not self.event_idx:
+            _pack_u16(self._used, RING_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
+        # With EVENT_IDX, leaving avail_event behind has the same effect.
+
+    def enable_notification(self) -> bool:
+        """Ask for kicks again. True if chains arrived meanwhile: poll once more."""
+        used = self._used
+        avail = self._avail
+        if used is None or avail is None or self.broken is not None:
+            return False
+        if self.event_idx:
+            _pack_u16(used, self._avail_event_off, self._next_avail)
+        else:
+            _pack_u16(used, RING_FLAGS, 0)
+        full_fence()  # publish our request before re-reading avail.idx
+        return _unpack_u16(avail, RING_IDX)[0] != self._next_avail
+
+    # --- the memory map under the rings -------------------------------------------
+
+    def region_added(self, region: MemoryRegion) -> None:
+        if self._avail is None:
+            try:
+                self._map_rings()
+            except QueueConfigError:
+                pass  # still not all there; stay idle
+
+    def region_removed(self, region: MemoryRegion) -> None:
+        if any(region in p.regions for p in self._pins):
+            self._unmap_rings()
+            try:
+                self._map_rings()
+            except QueueConfigError as e:
+                log.warning(
+                    "%s: rings are no longer in guest memory; idle until they are: %s", self.name, e
+                )
+
+    def _map_rings(self) -> None:
+        pins: list[Pin] = []
+        try:
+            for what, addr, length in (
+                ("descriptor table", self.desc_addr, desc_table_size(self.size)),
+                ("avail ring", self.avail_addr, avail_ring_size(self.size)),
+                ("used ring", self.used_addr, used_ring_size(self.size)),
+            ):
+                pin = self._memory.pin(addr, length, write=what == "used ring")
+                pins.append(pin)
+                if len(pin.views) != 1:
+                    raise QueueConfigError(
+                        f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
+                    )
+        except GuestMemoryError as e:
+            for p in pins:
+                p.release()
+            raise QueueConfigError(f"{self.name}: ring is not in guest memory: {e}") from e
+        except QueueConfigError:
+            for p in pins:
+                p.release()
+            raise
+        self._pins = pins
+        self._desc, self._avail, self._used = (p.views[0] for p in pins)
+
+    def _unmap_rings(self) -> None:
+        self._desc = self._avail = self._used = None
+        pins, self._pins = self._pins, []
+        for p in pins:
+            p.release()
+
+    def _break(self, error: QueueError) -> None:
+        self.broken = error
+        log.error("%s: queue broken: %s", self.name, error)
+
+    def __repr__(self) -> str:
+        state = f"broken: {self.broken}" if self.broken else ("ready" if self.ready else "idle")
+        return f"SplitQueue({self.name}, size={self.size}, {state})"

@@ -1,0 +1,69 @@
+"""Property tests: random and malicious rings never escape the typed errors."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from pyvhost.errors import QueueError
+from pyvhost.testing import GuestRam, queue_pair
+from pyvhost.virtq.layout import DESC
+
+RAM = 1 << 16
+
+
+def descriptor(size):
+    addr = st.one_of(
+        st.integers(0, RAM - 1),  # in RAM
+        st.integers(0, 2**64 - 1),  # anywhere
+        st.integers(RAM - 64, RAM + 64),  # at the edge
+    )
+    length = st.one_of(st.integers(0, 256), st.integers(0, 2**32 - 1), st.sampled_from([16, 32]))
+    flags = st.integers(0, 7)
+    nxt = st.one_of(st.integers(0, size - 1), st.integers(0, 0xFFFF))
+    return st.tuples(addr, length, flags, nxt)
+
+
+@st.composite
+def rings(draw):
+    size = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    descs = draw(st.lists(descriptor(size), min_size=size, max_size=size))
+    heads = draw(st.lists(st.integers(0, 0xFFFF), min_size=size, max_size=size))
+    avail_idx = draw(st.one_of(st.integers(0, size), st.integers(0, 0xFFFF)))
+    # An indirect table the descriptors may point at, itself random.
+    indirect = draw(st.lists(descriptor(8), min_size=0, max_size=8))
+    return size, descs, heads, avail_idx, indirect, draw(st.booleans()), draw(st.booleans())
+
+
+@settings(max_examples=400, deadline=None)
+@given(rings())
+def test_any_ring_yields_valid_chains_or_a_typed_broken_reason(ring):
+    size, descs, heads, avail_idx, indirect, use_indirect, event_idx = ring
+    with GuestRam(RAM) as ram:
+        driver, device = queue_pair(ram, size, indirect=use_indirect, event_idx=event_idx)
+        table = ram.alloc(16 * 8)
+        ram.memory.write(table, b"".join(DESC.pack(*d) for d in indirect))
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            if flags & 4 and i % 2:
+                addr, length = table, 16 * len(indirect)  # aim some at the real table
+            driver.write_desc(i, addr, length, flags, nxt)
+        for slot, head in enumerate(heads):
+            driver.write_avail_slot(slot, head)
+        driver.set_avail_idx(avail_idx)
+
+        popped = 0
+        for _ in range(size + 2):
+            chain = device.pop()  # never raises
+            if chain is None:
+                break
+            popped += 1
+            assert chain.readable_len == sum(len(v) for v in chain.readable)
+            assert chain.writable_len == sum(len(v) for v in chain.writable)
+            assert chain.readable_len + chain.writable_len < 2**32
+            for v in chain.writable:
+                v[:1] = b"\xaa"[: len(v)]  # touching every writable view is safe
+            device.push_used(chain.head, 0)
+        assert popped <= min(avail_idx, size)
+        assert device.broken is None or isinstance(device.broken, QueueError)
+        device.needs_notification()
+        device.enable_notification()
+        device.close()

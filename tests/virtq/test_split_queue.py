@@ -1,0 +1,282 @@
+"""Device side of the split ring, driven by the driver-side mock."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyvhost.errors import QueueConfigError
+from pyvhost.memory import GuestAddress, GuestMemory, RegionSpec
+from pyvhost.testing import GuestRam, memfd, queue_pair
+from pyvhost.virtq import DriverQueue, SplitQueue, ring_footprint
+
+
+def test_an_empty_queue_pops_nothing(ram):
+    _, device = queue_pair(ram, 8)
+    assert device.pop() is None
+    assert device.ready
+
+
+def test_a_chain_arrives_as_readable_then_writable_views_in_order(ram):
+    driver, device = queue_pair(ram, 8)
+    a, b, w1, w2 = (ram.alloc(64) for _ in range(4))
+    ram.memory.write(a, b"head")
+    ram.memory.write(b, b"body")
+    head = driver.add(readable=[(a, 4), (b, 4)], writable=[(w1, 10), (w2, 20)])
+    driver.kick()
+    chain = device.pop()
+    assert chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"head", b"body"]
+    assert [len(v) for v in chain.writable] == [10, 20]
+    assert (chain.readable_len, chain.writable_len) == (8, 30)
+
+
+def test_writable_views_are_the_guest_buffer_itself(ram):
+    driver, device = queue_pair(ram, 8)
+    buf = ram.alloc(16)
+    driver.add(writable=[(buf, 16)])
+    driver.kick()
+    chain = device.pop()
+    chain.writable[0][:5] = b"zero!"
+    assert ram.memory.read(buf, 5) == b"zero!"  # seen through the driver's own mapping
+
+
+def test_chains_pop_in_the_order_they_were_made_available(ram):
+    driver, device = queue_pair(ram, 16)
+    heads = [driver.add(readable=[(ram.alloc(8), 8)]) for _ in range(10)]
+    driver.kick()
+    assert [c.head for c in device.pop_batch(100)] == heads
+    assert device.pop() is None
+
+
+def test_push_used_returns_head_and_length_to_the_driver(ram):
+    driver, device = queue_pair(ram, 8)
+    head = driver.add(writable=[(ram.alloc(100), 100)])
+    driver.kick()
+    device.push_used(device.pop().head, 42)
+    assert driver.used() == [(head, 42)]
+    assert driver.free_descriptors == 8
+
+
+def test_a_used_batch_is_published_with_one_index_update(ram):
+    driver, device = queue_pair(ram, 8)
+    for _ in range(5):
+        driver.add(writable=[(ram.alloc(8), 8)])
+    driver.kick()
+    chains = device.pop_batch(5)
+    device.push_used_batch([(c.head, i) for i, c in enumerate(chains)])
+    assert driver.used_idx == 5
+    assert driver.used() == [(c.head, i) for i, c in enumerate(chains)]
+
+
+def test_the_ring_wraps_past_65535(ram):
+    driver, device = queue_pair(ram, 4)
+    buf = ram.alloc(8)
+    for n in range(70000 // 4):
+        for _ in range(4):
+            driver.add(readable=[(buf, 8)])
+        driver.kick()
+        device.push_used_batch([(c.head, 0) for c in device.pop_batch(4)])
+        assert len(driver.used()) == 4, n
+    assert device.next_avail == 70000 & 0xFFFF == driver.avail_idx
+
+
+def test_avail_idx_is_read_once_per_batch(ram):
+    driver, device = queue_pair(ram, 8)
+    buf = ram.alloc(8)
+    driver.add(readable=[(buf, 8)])
+    driver.add(readable=[(buf, 8)])
+    driver.kick()
+    assert device.pop() is not None
+    driver.set_avail_idx(2 + 100)  # a lie the device has not looked at yet
+    assert device.pop() is not None  # served from the batch it already read
+    assert device.pop() is None  # the next read sees the lie
+    assert device.broken is not None
+
+
+def test_the_queue_resumes_from_a_given_avail_index(ram):
+    driver, device = queue_pair(ram, 8)
+    buf = ram.alloc(8)
+    for _ in range(3):
+        driver.add(readable=[(buf, 8)])
+    driver.kick()
+    resumed = SplitQueue(
+        ram.map_again(), 8, driver.desc_addr, driver.avail_addr, driver.used_addr, next_avail=2
+    )
+    assert [c.head for c in resumed.pop_batch(8)] == [2]
+    assert resumed.next_avail == 3
+
+
+def test_a_buffer_spanning_two_regions_is_two_views():
+    mem = GuestMemory()
+    fd = memfd(0x20000)
+    mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
+    mem.add_region(RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000), fd)
+    driver = DriverQueue.layout(mem, 0, 8)
+    device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
+    driver.add(readable=[(0xFFF0, 0x20)])
+    driver.kick()
+    chain = device.pop()
+    assert [len(v) for v in chain.readable] == [0x10, 0x10]
+    device.close()
+    mem.clear()
+
+
+def test_an_indirect_chain_is_walked_when_negotiated(ram):
+    driver, device = queue_pair(ram, 8, indirect=True)
+    a, w = ram.alloc(8), ram.alloc(32)
+    ram.memory.write(a, b"indirect")
+    head = driver.add_indirect(ram.alloc(64), readable=[(a, 8)], writable=[(w, 32)])
+    driver.kick()
+    chain = device.pop()
+    assert chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"indirect"]
+    assert chain.writable_len == 32
+
+
+def test_a_zero_length_descriptor_contributes_no_view(ram):
+    driver, device = queue_pair(ram, 8)
+    driver.add(readable=[(ram.alloc(8), 0), (ram.alloc(8), 8)])
+    driver.kick()
+    chain = device.pop()
+    assert len(chain.readable) == 1 and chain.readable_len == 8
+
+
+@pytest.mark.parametrize("size", [0, 3, 100, 65536])
+def test_a_queue_size_that_is_not_a_power_of_two_is_refused(ram, size):
+    with pytest.raises(QueueConfigError, match="power of two"):
+        SplitQueue(ram.memory, size, 0, 0x1000, 0x2000)
+
+
+@pytest.mark.parametrize(
+    ("desc", "avail", "used", "what"),
+    [(8, 0x1000, 0x2000, "descriptor"), (0, 0x1001, 0x2000, "avail"), (0, 0x1000, 0x2002, "used")],
+)
+def test_misaligned_rings_are_refused(ram, desc, avail, used, what):
+    with pytest.raises(QueueConfigError, match=what):
+        SplitQueue(ram.memory, 8, desc, avail, used)
+
+
+def test_rings_outside_guest_memory_are_refused(ram):
+    with pytest.raises(QueueConfigError, match="not in guest memory"):
+        SplitQueue(ram.memory, 8, 0, 0x1000, 1 << 40)
+
+
+def test_a_ring_crossing_a_region_edge_is_refused():
+    mem = GuestMemory()
+    fd = memfd(0x2000)
+    mem.add_region(RegionSpec(GuestAddress(0), 0x1000), os.dup(fd))
+    mem.add_region(RegionSpec(GuestAddress(0x1000), 0x1000, mmap_offset=0x1000), fd)
+    with pytest.raises(QueueConfigError, match="crosses"):
+        SplitQueue(mem, 64, 0, 0xF80, 0x1100)  # the avail ring runs over 0x1000
+    mem.clear()
+
+
+# --- notifications --------------------------------------------------------------------
+
+
+def test_without_event_idx_the_driver_can_suppress_interrupts(ram):
+    driver, device = queue_pair(ram, 8)
+    driver.add(writable=[(ram.alloc(8), 8)])
+    driver.kick()
+    device.push_used(device.pop().head, 0)
+    assert device.needs_notification()
+    driver.suppress_interrupts(True)
+    assert not device.needs_notification()
+
+
+def test_without_event_idx_the_device_can_suppress_kicks(ram):
+    driver, device = queue_pair(ram, 8)
+    device.disable_notification()
+    driver.add(readable=[(ram.alloc(8), 8)])
+    assert not driver.kick()
+    assert device.enable_notification()  # a chain slipped in: poll again
+    assert device.pop() is not None
+    assert not device.enable_notification()
+    driver.add(readable=[(ram.alloc(8), 8)])
+    assert driver.kick()
+
+
+def test_with_event_idx_interrupts_follow_used_event(ram):
+    driver, device = queue_pair(ram, 8, event_idx=True)
+    buf = ram.alloc(8)
+    for _ in range(6):
+        driver.add(writable=[(buf, 8)])
+    driver.kick()
+    chains = device.pop_batch(6)
+    driver.set_used_event(0)
+    device.push_used(chains[0].head, 0)
+    assert device.needs_notification()  # first decision always signals
+    device.push_used(chains[1].head, 0)
+    assert not device.needs_notification()  # used_event 0 was already passed
+    driver.set_used_event(3)  # "interrupt me when entry 3 is used"
+    device.push_used(chains[2].head, 0)
+    assert not device.needs_notification()  # used.idx went 2 -> 3: entry 3 not yet
+    device.push_used(chains[3].head, 0)
+    assert device.needs_notification()  # 3 -> 4 crossed it
+
+
+def test_with_event_idx_kicks_follow_avail_event(ram):
+    driver, device = queue_pair(ram, 8, event_idx=True)
+    buf = ram.alloc(8)
+    assert not device.enable_notification()  # avail_event := 0
+    driver.add(readable=[(buf, 8)])
+    assert driver.kick()  # avail.idx 0 -> 1 crosses avail_event 0
+    driver.add(readable=[(buf, 8)])
+    assert not driver.kick()  # the device has not asked again
+    assert len(device.pop_batch(8)) == 2
+    assert not device.enable_notification()  # avail_event := 2
+    driver.add(readable=[(buf, 8)])
+    assert driver.kick()
+
+
+# --- the memory map under the rings -----------------------------------------------------
+
+
+def test_rings_follow_a_replaced_memory_table():
+    ram = GuestRam(1 << 20)
+    backend = ram.map_again()
+    driver, device = queue_pair(ram, 8, device_memory=backend)
+    old = backend.regions[0]
+    backend.set_regions([(ram.spec(), os.dup(ram.fd))])  # SET_MEM_TABLE, same layout
+    assert old.is_unmapped  # the queue let go of the old mapping
+    driver.add(readable=[(ram.alloc(8), 8)])
+    driver.kick()
+    assert device.pop() is not None
+    device.close()
+    ram.close()
+
+
+def test_a_queue_whose_ring_region_is_removed_idles_until_it_returns():
+    ram = GuestRam(1 << 20)
+    backend = ram.map_again()
+    driver, device = queue_pair(ram, 8, device_memory=backend)
+    backend.remove_region(0)
+    assert not device.ready and device.broken is None
+    driver.add(readable=[(ram.alloc(8), 8)])
+    driver.kick()
+    assert device.pop() is None
+    backend.add_region(ram.spec(), os.dup(ram.fd))
+    assert device.ready
+    assert device.pop() is not None
+    device.close()
+    ram.close()
+
+
+def test_removing_an_unrelated_region_leaves_the_rings_alone():
+    ram = GuestRam(1 << 20)
+    backend = ram.map_again()
+    backend.add_region(RegionSpec(GuestAddress(1 << 30), 4096), memfd(4096))
+    driver, device = queue_pair(ram, 8, device_memory=backend)
+    ring_view = device._avail
+    backend.remove_region(1 << 30)
+    assert device._avail is ring_view
+    device.close()
+    ram.close()
+
+
+def test_ring_footprint_covers_the_layout(ram):
+    base = ram.alloc(ring_footprint(256), align=4096)
+    driver = DriverQueue.layout(ram.memory, base, 256)
+    assert driver.used_addr + 4 + 8 * 256 + 2 == base + ring_footprint(256)
