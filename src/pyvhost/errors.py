@@ -108,3 +108,46 @@ class DescriptorMemoryError(QueueError):
 
 class ChainLengthError(QueueError):
     """The bytes of one chain add up to more than a used element can report (2**32 - 1)."""
+
+
+# --- vhost-user protocol ----------------------------------------------------------
+
+
+class ProtocolError(PyvhostError):
+    """A vhost-user message the back-end refuses. The connection goes on."""
+
+    def __init__(self, message: str, request: int | None = None) -> None:
+        self.request = request
+        super().__init__(message)
+
+
+class MalformedMessageError(ProtocolError):
+    """A size or payload that does not fit its request."""
+
+
+class UnknownRequestError(ProtocolError):
+    """A request number this back-end does not know or does not implement."""
+
+
+class UnexpectedFdsError(ProtocolError):
+    """More (or fewer) file descriptors than the request takes."""
+
+
+class FeatureNotNegotiatedError(ProtocolError):
+    """A request gated by a protocol feature that was not negotiated."""
+
+
+class InvalidRingIndexError(ProtocolError):
+    """A ring index past the device's queues."""
+
+
+class InvalidRequestError(ProtocolError):
+    """A well-formed request that cannot be honoured in the current state."""
+
+
+class TransportError(PyvhostError):
+    """The socket under the protocol failed or was closed."""
+
+
+class PeerError(PyvhostError):
+    """The other side (as seen by the frontend client) refused or broke a request."""

@@ -280,3 +280,13 @@ def test_ring_footprint_covers_the_layout(ram):
     base = ram.alloc(ring_footprint(256), align=4096)
     driver = DriverQueue.layout(ram.memory, base, 256)
     assert driver.used_addr + 4 + 8 * 256 + 2 == base + ring_footprint(256)
+
+
+def test_unpop_hands_the_last_chain_back(ram):
+    driver, device = queue_pair(ram, 8)
+    heads = [driver.add(readable=[(ram.alloc(8), 8)]) for _ in range(2)]
+    driver.kick()
+    assert device.pop().head == heads[0]
+    device.unpop()
+    assert device.next_avail == 0
+    assert [c.head for c in device.pop_batch(8)] == heads

@@ -28,12 +28,18 @@ class GuestRam:
     """
 
     def __init__(
-        self, size: int = 1 << 22, guest_base: int = 0, name: str = "pyvhost-guest-ram"
+        self,
+        size: int = 1 << 22,
+        guest_base: int = 0,
+        name: str = "pyvhost-guest-ram",
+        memory: GuestMemory | None = None,
     ) -> None:
+        """RAM of `size` at `guest_base`; added to `memory` (a DIMM) if given."""
         self.size = size
         self.guest_base = guest_base
         self.fd = memfd(size, name)
-        self.memory = GuestMemory()
+        self._owns_memory = memory is None
+        self.memory = GuestMemory() if memory is None else memory
         self.memory.add_region(self.spec(), os.dup(self.fd))
         self._next = guest_base
         self._others: list[GuestMemory] = []
@@ -58,7 +64,11 @@ class GuestRam:
     def close(self) -> None:
         for mem in self._others:
             mem.clear()
-        self.memory.clear()
+        self._others.clear()
+        if self._owns_memory:
+            self.memory.clear()
+        elif any(r.start == self.guest_base for r in self.memory.regions):
+            self.memory.remove_region(self.guest_base)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -207,6 +207,14 @@ class SplitQueue:
             self._break(DescriptorMemoryError(f"chain at head {head}: {e}"))
         return None
 
+    def unpop(self) -> None:
+        """Give back the last popped chain (not yet pushed): the next pop returns it again.
+
+        For devices that find they cannot finish a chain now (no room on the
+        other side) and must not hold it across a GET_VRING_BASE.
+        """
+        self._next_avail = (self._next_avail - 1) & 0xFFFF
+
     def pop_batch(self, limit: int) -> list[DescriptorChain]:
         """Up to `limit` available chains."""
         out: list[DescriptorChain] = []

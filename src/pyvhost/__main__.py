@@ -1,0 +1,5 @@
+import sys
+
+from pyvhost.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Device models behind the vhost-user back-end."""

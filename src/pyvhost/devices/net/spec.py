@@ -1,0 +1,78 @@
+"""virtio-net wire facts (virtio 1.x section 5.1, linux/virtio_net.h)."""
+
+from __future__ import annotations
+
+import struct
+
+# Feature bits.
+F_CSUM = 0
+F_GUEST_CSUM = 1
+F_CTRL_GUEST_OFFLOADS = 2
+F_MTU = 3
+F_MAC = 5
+F_GUEST_TSO4 = 7
+F_GUEST_TSO6 = 8
+F_GUEST_ECN = 9
+F_GUEST_UFO = 10
+F_HOST_TSO4 = 11
+F_HOST_TSO6 = 12
+F_HOST_ECN = 13
+F_HOST_UFO = 14
+F_MRG_RXBUF = 15
+F_STATUS = 16
+F_CTRL_VQ = 17
+F_CTRL_RX = 18
+F_CTRL_VLAN = 19
+F_GUEST_ANNOUNCE = 21
+F_MQ = 22
+F_CTRL_MAC_ADDR = 23
+
+# Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+CONFIG = struct.Struct("<6sHHH")
+S_LINK_UP = 1
+S_ANNOUNCE = 2
+
+# The header in front of every packet.
+HDR = struct.Struct(
+    "<BBHHHHH"
+)  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+HDR_SIZE = HDR.size  # 12: VERSION_1 or MRG_RXBUF
+HDR_SIZE_LEGACY = 10  # without num_buffers
+HDR_F_NEEDS_CSUM = 1
+HDR_F_DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+
+# Control queue.
+CTRL_RX = 0
+CTRL_RX_PROMISC = 0
+CTRL_RX_ALLMULTI = 1
+CTRL_MAC = 1
+CTRL_MAC_TABLE_SET = 0
+CTRL_MAC_ADDR_SET = 1
+CTRL_ANNOUNCE = 3
+CTRL_ANNOUNCE_ACK = 0
+CTRL_MQ = 4
+CTRL_MQ_VQ_PAIRS_SET = 0
+CTRL_GUEST_OFFLOADS = 5
+CTRL_GUEST_OFFLOADS_SET = 0
+CTRL_OK = 0
+CTRL_ERR = 1
+
+
+def header_size(features: int) -> int:
+    """Bytes of virtio-net header with these features acked."""
+    if features & (1 << 32 | 1 << F_MRG_RXBUF):
+        return HDR_SIZE
+    return HDR_SIZE_LEGACY
+
+
+def rx_queue(pair: int) -> int:
+    return 2 * pair
+
+
+def tx_queue(pair: int) -> int:
+    return 2 * pair + 1

@@ -1,0 +1,541 @@
+"""The vhost-user back-end: one front-end's session, as a state machine.
+
+`handle(frame)` takes one frame off the wire and returns the reply bytes (or
+None). Request handling is a fixed pipeline:
+
+    decode (size, payload, fds per request)  ->  gate (protocol feature)
+      ->  dispatch  ->  close fds the handler did not take  ->  reply
+
+No socket is touched here; the daemon owns the socket. Kick eventfds are
+registered with the event loop so that each ring is served the moment it is
+kicked.
+
+Ring states (spec, "Ring states"): a ring is stopped until SET_VRING_KICK
+starts it and GET_VRING_BASE stops it. With VHOST_USER_F_PROTOCOL_FEATURES
+negotiated it starts disabled until SET_VRING_ENABLE; without, enabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from pyvhost.device import QueueNotifier, VirtioDevice
+from pyvhost.errors import (
+    FeatureNotNegotiatedError,
+    GuestMemoryError,
+    InvalidRequestError,
+    InvalidRingIndexError,
+    ProtocolError,
+    QueueError,
+)
+from pyvhost.eventloop import EventLoop
+from pyvhost.memory import FrontendAddress, GuestAddress, GuestMemory, RegionSpec
+from pyvhost.vhost_user.codec import REQUESTS, Frame, Message, decode_request, encode, request_name
+from pyvhost.vhost_user.messages import (
+    U64,
+    ConfigSpace,
+    Header,
+    MemoryRegionDesc,
+    VringAddr,
+    VringFd,
+    VringState,
+)
+from pyvhost.vhost_user.protocol import (
+    FLAG_REPLY,
+    VERSION,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    ProtocolFeature as PF,
+    Request as R,
+    mask,
+)
+from pyvhost.virtq import SplitQueue
+from pyvhost.virtq.layout import (
+    MAX_QUEUE_SIZE,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    is_valid_queue_size,
+)
+
+log = logging.getLogger(__name__)
+
+# What pyvhost offers of the protocol extensions.
+OFFERED_PROTOCOL_FEATURES = mask(
+    PF.MQ,
+    PF.REPLY_ACK,
+    PF.NET_MTU,
+    PF.CONFIG,
+    PF.RESET_DEVICE,
+    PF.CONFIGURE_MEM_SLOTS,
+    PF.STATUS,
+    PF.RARP,
+)
+
+
+@dataclass
+class Vring:
+    """What the front-end told us of one ring, and the queue serving it."""
+
+    index: int
+    size: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    polled: bool = False  # started with the no-fd flag: poll instead of waiting for kicks
+    enabled: bool = False
+    queue: SplitQueue | None = None
+    notifier: QueueNotifier | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def started(self) -> bool:
+        return self.queue is not None
+
+
+class Backend:
+    """One front-end session with one device."""
+
+    def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:
+        self.device = device
+        self.loop = loop
+        self.memory = GuestMemory()
+        self.offered_features = device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.vrings = [Vring(i) for i in range(device.num_queues())]
+        self.errors = 0  # requests refused, for tests and stats
+
+    # --- the pipeline ---------------------------------------------------------
+
+    def handle(self, frame: Frame) -> bytes | None:
+        """Process one frame; return reply bytes, or None when no reply is due."""
+        spec = REQUESTS.get(_as_request(frame.header.request))
+        try:
+            msg = decode_request(frame)
+            if spec.gate is not None and not self._has_protocol(spec.gate):
+                raise FeatureNotNegotiatedError(
+                    f"{msg.name} needs protocol feature {spec.gate.name}, not negotiated",
+                    int(msg.request),
+                )
+            reply = getattr(self, f"_on_{msg.name.lower()}")(msg)
+        except (ProtocolError, GuestMemoryError, QueueError) as e:
+            _close_all(frame.fds)
+            frame.fds.clear()
+            self.errors += 1
+            log.error("refused %s: %s", request_name(frame.header.request), e)
+            return self._failure_reply(frame, spec)
+        _close_all(msg.fds)  # whatever the handler did not take
+        if spec.reply is not None:
+            return encode(msg.request, reply, reply=True)
+        if msg.need_reply and self._has_protocol(PF.REPLY_ACK):
+            return encode(msg.request, U64(0), reply=True)
+        return None
+
+    def _failure_reply(self, frame: Frame, spec) -> bytes | None:
+        request = frame.header.request
+        if spec is not None and spec.reply is not None:
+            # No failure code exists for these; an empty payload is the
+            # spec's error signal for GET_CONFIG, and a size the front-end
+            # will reject for the others.
+            return _empty_reply(request)
+        if frame.need_reply and self._has_protocol(PF.REPLY_ACK):
+            return encode(request, U64(1), reply=True)
+        return None
+
+    def close(self) -> None:
+        """The front-end is gone: stop every ring, close every fd, unmap memory."""
+        for vring in self.vrings:
+            self._stop(vring)
+            self._close_vring_fds(vring)
+        self.device.reset()
+        self.memory.clear()
+
+    # --- features and ownership ------------------------------------------------------
+
+    def _has_protocol(self, feature: PF) -> bool:
+        # SET_PROTOCOL_FEATURES needs no SET_FEATURES ack of bit 30 first (spec).
+        return bool(self.acked_protocol_features & (1 << feature))
+
+    @property
+    def protocol_features_negotiated(self) -> bool:
+        return bool(self.acked_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _on_get_features(self, msg: Message) -> U64:
+        return U64(self.offered_features)
+
+    def _on_set_features(self, msg: Message) -> None:
+        features = msg.payload.value
+        extra = features & ~self.offered_features
+        if extra:
+            raise InvalidRequestError(
+                f"SET_FEATURES acks 0x{extra:x}, which was never offered", int(msg.request)
+            )
+        self.acked_features = features
+        self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _on_get_protocol_features(self, msg: Message) -> U64:
+        return U64(self.offered_protocol_features)
+
+    def _on_set_protocol_features(self, msg: Message) -> None:
+        features = msg.payload.value
+        extra = features & ~self.offered_protocol_features
+        if extra:
+            raise InvalidRequestError(
+                f"SET_PROTOCOL_FEATURES acks 0x{extra:x}, which was never offered",
+                int(msg.request),
+            )
+        self.acked_protocol_features = features
+
+    def _on_set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _on_reset_owner(self, msg: Message) -> None:
+        # Deprecated; the spec recommends treating it as "disable all rings".
+        for vring in self.vrings:
+            self._set_enabled(vring, False)
+
+    def _on_reset_device(self, msg: Message) -> None:
+        for vring in self.vrings:
+            self._stop(vring)
+            self._close_vring_fds(vring)
+        self.vrings = [Vring(i) for i in range(len(self.vrings))]
+        self.acked_features = 0
+        self.status = 0
+        self.device.reset()
+
+    def _on_get_queue_num(self, msg: Message) -> U64:
+        return U64(self.device.max_queue_num())
+
+    def _on_set_status(self, msg: Message) -> None:
+        if msg.payload.value > 0xFF:
+            raise InvalidRequestError(f"device status 0x{msg.payload.value:x} is not a u8")
+        self.status = msg.payload.value
+
+    def _on_get_status(self, msg: Message) -> U64:
+        return U64(self.status)
+
+    # --- memory ------------------------------------------------------------------------
+
+    def _on_set_mem_table(self, msg: Message) -> None:
+        specs = [_region_spec(r) for r in msg.payload.regions]
+        fds = list(msg.fds)
+        msg.fds.clear()  # owned by the memory layer from here, closed by it on failure
+        self.memory.set_regions(zip(specs, fds, strict=True))
+        self._retranslate_rings()
+
+    def _on_get_max_mem_slots(self, msg: Message) -> U64:
+        return U64(self.memory.max_regions)
+
+    def _on_add_mem_reg(self, msg: Message) -> None:
+        spec = _region_spec(msg.payload.region)
+        fd = msg.fds.pop()
+        self.memory.add_region(spec, fd)
+        self._retranslate_rings()
+
+    def _on_rem_mem_reg(self, msg: Message) -> None:
+        # Identified by guest address, user address and size; mmap offset ignored.
+        # An fd sent along (older QEMUs do) is closed unused by the pipeline.
+        r = msg.payload.region
+        region = next(
+            (
+                m
+                for m in self.memory.regions
+                if m.start == r.guest_addr
+                and m.size == r.size
+                and int(m.frontend_addr) == r.user_addr
+            ),
+            None,
+        )
+        if region is None:
+            raise InvalidRequestError(
+                f"REM_MEM_REG: no region at guest 0x{r.guest_addr:x} size 0x{r.size:x} "
+                f"user 0x{r.user_addr:x}"
+            )
+        self.memory.remove_region(r.guest_addr, r.size)
+
+    # --- rings ------------------------------------------------------------------------------
+
+    def _vring(self, index: int, msg: Message) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise InvalidRingIndexError(
+                f"{msg.name}: ring {index} does not exist; the device has {len(self.vrings)}",
+                int(msg.request),
+            )
+        return self.vrings[index]
+
+    def _on_set_vring_num(self, msg: Message) -> None:
+        vring = self._vring(msg.payload.index, msg)
+        size = msg.payload.num
+        if not is_valid_queue_size(size):
+            raise InvalidRequestError(
+                f"SET_VRING_NUM: ring {vring.index} size {size} is not a power of two "
+                f"<= {MAX_QUEUE_SIZE}"
+            )
+        if vring.started:
+            raise InvalidRequestError(f"SET_VRING_NUM: ring {vring.index} is running")
+        vring.size = size
+
+    def _on_set_vring_addr(self, msg: Message) -> None:
+        vring = self._vring(msg.payload.index, msg)
+        vring.addr = msg.payload
+        if vring.started:
+            self._restart(vring)
+
+    def _on_set_vring_base(self, msg: Message) -> None:
+        vring = self._vring(msg.payload.index, msg)
+        if msg.payload.num > 0xFFFF:
+            raise InvalidRequestError(
+                f"SET_VRING_BASE: ring {vring.index} base {msg.payload.num} is not a u16"
+            )
+        if vring.started:
+            raise InvalidRequestError(f"SET_VRING_BASE: ring {vring.index} is running")
+        vring.base = msg.payload.num
+
+    def _on_get_vring_base(self, msg: Message) -> VringState:
+        # "stop ring upon receiving VHOST_USER_GET_VRING_BASE"; the fds go with it.
+        vring = self._vring(msg.payload.index, msg)
+        self._stop(vring)
+        self._close_vring_fds(vring)
+        return VringState(vring.index, vring.base)
+
+    def _on_set_vring_kick(self, msg: Message) -> None:
+        vring = self._vring(msg.payload.index, msg)
+        fd = self._take_eventfd(msg)
+        if vring.kick_fd is not None:
+            self.loop.remove_reader(vring.kick_fd)
+            os.close(vring.kick_fd)
+        vring.kick_fd = fd
+        vring.polled = fd is None
+        if vring.started:
+            self._watch_kicks(vring)
+        else:
+            self._start(vring)
+
+    def _on_set_vring_call(self, msg: Message) -> None:
+        vring = self._vring(msg.payload.index, msg)
+        fd = self._take_eventfd(msg)
+        if vring.call_fd is not None:
+            os.close(vring.call_fd)
+        vring.call_fd = fd
+        if vring.notifier is not None:
+            vring.notifier.call_fd = fd
+
+    def _on_set_vring_err(self, msg: Message) -> None:
+        vring = self._vring(msg.payload.index, msg)
+        fd = self._take_eventfd(msg)
+        if vring.err_fd is not None:
+            os.close(vring.err_fd)
+        vring.err_fd = fd
+
+    def _on_set_vring_enable(self, msg: Message) -> None:
+        if not self.protocol_features_negotiated:
+            raise FeatureNotNegotiatedError(
+                "SET_VRING_ENABLE needs VHOST_USER_F_PROTOCOL_FEATURES, not negotiated",
+                int(msg.request),
+            )
+        vring = self._vring(msg.payload.index, msg)
+        if msg.payload.num not in (0, 1):
+            raise InvalidRequestError(
+                f"SET_VRING_ENABLE: ring {vring.index} state {msg.payload.num} is not 0 or 1"
+            )
+        self._set_enabled(vring, bool(msg.payload.num))
+
+    def _take_eventfd(self, msg: Message) -> int | None:
+        payload: VringFd = msg.payload
+        if payload.no_fd:
+            return None
+        fd = msg.fds.pop()
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = "?"
+        if target != "anon_inode:[eventfd]":
+            os.close(fd)
+            raise InvalidRequestError(
+                f"{msg.name}: ring {payload.index} fd is {target}, not an eventfd"
+            )
+        os.set_blocking(fd, False)
+        return fd
+
+    # --- starting and stopping -----------------------------------------------------
+
+    def _start(self, vring: Vring) -> None:
+        if vring.addr is None or vring.size == 0:
+            raise InvalidRequestError(
+                f"ring {vring.index} kicked before SET_VRING_NUM and SET_VRING_ADDR"
+            )
+        desc, avail, used = self._ring_guest_addresses(vring)
+        vring.queue = SplitQueue(
+            self.memory,
+            vring.size,
+            desc,
+            avail,
+            used,
+            event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
+            indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+            next_avail=vring.base,
+            name=f"{self.device.name} ring {vring.index}",
+        )
+        vring.notifier = QueueNotifier(vring.queue, vring.call_fd)
+        vring.enabled = vring.enabled or not self.protocol_features_negotiated
+        self.device.queue_started(vring.index, vring.queue, vring.notifier)
+        if vring.enabled:
+            self.device.queue_enabled(vring.index, True)
+        self._watch_kicks(vring)
+        # Buffers may already be waiting (a reconnect): look once without a kick.
+        self._on_kick(vring)
+
+    def _stop(self, vring: Vring) -> None:
+        if vring.queue is None:
+            return
+        self._unwatch_kicks(vring)
+        self.device.queue_stopped(vring.index)
+        vring.base = vring.queue.next_avail
+        vring.queue.close()
+        vring.queue = None
+        vring.notifier = None
+        vring.enabled = False
+
+    def _restart(self, vring: Vring) -> None:
+        enabled = vring.enabled
+        self._stop(vring)
+        vring.enabled = enabled
+        self._start(vring)
+
+    def _retranslate_rings(self) -> None:
+        """The map changed: a running ring whose frontend addresses now land elsewhere moves."""
+        for vring in self.vrings:
+            if vring.queue is None:
+                continue
+            try:
+                addrs = self._ring_guest_addresses(vring)
+            except InvalidRequestError as e:
+                log.warning("ring %d: %s; it idles until its memory returns", vring.index, e)
+                continue
+            q = vring.queue
+            if addrs != (q.desc_addr, q.avail_addr, q.used_addr):
+                self._restart(vring)
+
+    def _ring_guest_addresses(self, vring: Vring) -> tuple[GuestAddress, ...]:
+        a = vring.addr
+        assert a is not None
+        sizes = (16 * vring.size, 6 + 2 * vring.size, 6 + 8 * vring.size)
+        out = []
+        for what, addr, size in zip(
+            ("descriptor", "avail", "used"), (a.desc, a.avail, a.used), sizes, strict=True
+        ):
+            try:
+                out.append(self.memory.frontend_to_guest(addr, size))
+            except GuestMemoryError as e:
+                raise InvalidRequestError(
+                    f"ring {vring.index} {what} address 0x{addr:x} is not in shared memory: {e}"
+                ) from e
+        return tuple(out)
+
+    def _set_enabled(self, vring: Vring, enabled: bool) -> None:
+        if vring.enabled == enabled:
+            return
+        vring.enabled = enabled
+        if vring.started:
+            self.device.queue_enabled(vring.index, enabled)
+            if enabled:
+                self._on_kick(vring)
+
+    def _watch_kicks(self, vring: Vring) -> None:
+        self._unwatch_kicks(vring)
+        if vring.kick_fd is not None:
+            self.loop.add_reader(vring.kick_fd, lambda v=vring: self._on_kick_fd(v))
+        elif vring.polled:
+            self.loop.add_poller(vring, lambda v=vring: self._on_kick(v))
+
+    def _unwatch_kicks(self, vring: Vring) -> None:
+        if vring.kick_fd is not None:
+            self.loop.remove_reader(vring.kick_fd)
+        self.loop.remove_poller(vring)
+
+    def _on_kick_fd(self, vring: Vring) -> None:
+        try:
+            os.eventfd_read(vring.kick_fd)
+        except BlockingIOError:
+            return
+        self._on_kick(vring)
+
+    def _on_kick(self, vring: Vring) -> None:
+        queue = vring.queue
+        if queue is None:
+            return
+        broken_before = queue.broken
+        self.device.queue_kicked(vring.index)
+        if queue.broken is not None and broken_before is None:
+            self._signal_error(vring)
+
+    def _signal_error(self, vring: Vring) -> None:
+        vring.errors.append(str(vring.queue.broken))
+        if vring.err_fd is not None:
+            try:
+                os.eventfd_write(vring.err_fd, 1)
+            except BlockingIOError:
+                pass
+
+    def _close_vring_fds(self, vring: Vring) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(vring, name)
+            if fd is not None:
+                self.loop.remove_reader(fd)
+                os.close(fd)
+                setattr(vring, name, None)
+        vring.polled = False
+
+    # --- device-specific requests ---------------------------------------------------
+
+    def _on_get_config(self, msg: Message) -> ConfigSpace:
+        c: ConfigSpace = msg.payload
+        space = self.device.config()
+        if c.offset + c.size > len(space):
+            raise InvalidRequestError(
+                f"GET_CONFIG of {c.size} bytes at {c.offset} runs past the "
+                f"{len(space)}-byte config space"
+            )
+        return ConfigSpace(c.offset, c.size, c.flags, space[c.offset : c.offset + c.size])
+
+    def _on_set_config(self, msg: Message) -> None:
+        c: ConfigSpace = msg.payload
+        self.device.write_config(c.offset, c.data, c.flags)
+
+    def _on_net_set_mtu(self, msg: Message) -> None:
+        self.device.set_mtu(msg.payload.value)
+
+    def _on_send_rarp(self, msg: Message) -> None:
+        self.device.send_rarp(msg.payload.pack()[:6])
+
+
+def _as_request(number: int):
+    try:
+        return R(number)
+    except ValueError:
+        return None
+
+
+def _region_spec(r: MemoryRegionDesc) -> RegionSpec:
+    return RegionSpec(
+        GuestAddress(r.guest_addr), r.size, FrontendAddress(r.user_addr), r.mmap_offset
+    )
+
+
+def _empty_reply(request: int) -> bytes:
+    return Header(request, VERSION | FLAG_REPLY, 0).pack()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()

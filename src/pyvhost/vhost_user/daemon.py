@@ -1,0 +1,175 @@
+"""The vhost-user daemon: a socket, one front-end at a time, one event loop.
+
+Server mode listens on a path and serves one front-end; when it leaves, its
+session is dropped (rings stopped, memory unmapped, fds closed) and the next
+one is accepted, so a QEMU started with reconnect=1 can come back. Client
+mode connects to a front-end that listens, retrying until it is there.
+
+The control socket, every ring's kick eventfd and the device's own fds (the
+TAP) share one epoll loop: each ring is served as soon as it is kicked, and
+a control message is handled in one short step between datapath events.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+
+from pyvhost.device import VirtioDevice
+from pyvhost.errors import PyvhostError, TransportError
+from pyvhost.eventloop import EventLoop
+from pyvhost.vhost_user.backend import Backend
+from pyvhost.vhost_user.transport import Connection
+
+log = logging.getLogger(__name__)
+
+RECONNECT_INTERVAL = 0.5
+
+
+class SocketPathError(PyvhostError):
+    """The --socket path cannot be used."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        socket_path: str,
+        *,
+        client: bool = False,
+        loop: EventLoop | None = None,
+    ) -> None:
+        self.device = device
+        self.socket_path = socket_path
+        self.client = client
+        self.loop = loop or EventLoop()
+        self.listener: socket.socket | None = None
+        self.conn: Connection | None = None
+        self.backend: Backend | None = None
+        self.sessions = 0  # front-ends served so far
+        self._next_connect = 0.0
+        device.attach(self.loop)
+        if not client:
+            self._listen()
+
+    # --- sockets --------------------------------------------------------------
+
+    def _listen(self) -> None:
+        _remove_stale_socket(self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.socket_path)
+            sock.listen(1)
+        except OSError as e:
+            sock.close()
+            raise SocketPathError(
+                f"--socket {self.socket_path}: cannot listen: {e.strerror}"
+            ) from e
+        sock.setblocking(False)
+        self.listener = sock
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+        log.info("listening on %s", self.socket_path)
+
+    def _on_accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        # One front-end at a time: stop accepting until this one leaves.
+        self.loop.remove_reader(self.listener.fileno())
+        self._start_session(sock)
+
+    def _try_connect(self) -> None:
+        now = time.monotonic()
+        if now < self._next_connect:
+            return
+        self._next_connect = now + RECONNECT_INTERVAL
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                log.warning("connecting to %s: %s", self.socket_path, e.strerror)
+            return
+        self._start_session(sock)
+
+    def _start_session(self, sock: socket.socket) -> None:
+        self.conn = Connection(sock)
+        self.backend = Backend(self.device, self.loop)
+        self.sessions += 1
+        self.loop.add_reader(self.conn.fileno(), self._on_control)
+        log.info("front-end connected (session %d)", self.sessions)
+
+    def _on_control(self) -> None:
+        conn, backend = self.conn, self.backend
+        try:
+            for frame in conn.receive():
+                reply = backend.handle(frame)
+                if reply is not None:
+                    conn.send(reply)
+        except TransportError as e:
+            log.info("front-end gone: %s", e)
+            self._end_session()
+
+    def _end_session(self) -> None:
+        if self.conn is None:
+            return
+        self.loop.remove_reader(self.conn.fileno())
+        self.backend.close()
+        self.conn.close()
+        self.conn = None
+        self.backend = None
+        if self.listener is not None:
+            self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    # --- running -------------------------------------------------------------------
+
+    def run_once(self, timeout: float | None = 0.5) -> None:
+        if self.client and self.conn is None:
+            self._try_connect()
+            timeout = RECONNECT_INTERVAL if timeout is None else min(timeout, RECONNECT_INTERVAL)
+        self.loop.run_once(timeout)
+
+    def run(self) -> None:
+        """Serve until loop.stop() (a signal handler calls it)."""
+        while not self.loop.stopping:
+            self.run_once()
+
+    def close(self) -> None:
+        """End the session, stop listening, remove the socket file."""
+        self._end_session()
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        self.device.detach()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a dead process is removed; anything else is an error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"--socket {path} exists and is not a socket; choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise SocketPathError(f"--socket {path}: {e.strerror}") from e
+    finally:
+        probe.close()
+    raise SocketPathError(f"--socket {path} is in use by another process")
