@@ -1,6 +1,6 @@
 """pyvhost's command line.
 
-    pyvhost loopback --socket PATH [--client] [--queue-pairs N]
+pyvhost loopback --socket PATH [--client] [--queue-pairs N]
 """
 
 from __future__ import annotations
