@@ -290,3 +290,17 @@ def test_unpop_hands_the_last_chain_back(ram):
     device.unpop()
     assert device.next_avail == 0
     assert [c.head for c in device.pop_batch(8)] == heads
+
+
+def test_a_driver_that_re_arms_is_interrupted_for_every_batch(ram):
+    # The lost-wakeup case: with EVENT_IDX, a driver that never moves
+    # used_event is only interrupted once. enable_interrupts() moves it.
+    driver, device = queue_pair(ram, 8, event_idx=True)
+    buf = ram.alloc(8)
+    for round_ in range(3):
+        driver.add(writable=[(buf, 8)])
+        driver.kick()
+        assert not driver.enable_interrupts()  # nothing used yet: sleep
+        device.push_used(device.pop().head, 0)
+        assert device.needs_notification(), round_
+        assert driver.used()

@@ -75,6 +75,7 @@ class Ring:
     slots: list[int]  # free buffer addresses
     slot_size: int
     inflight: dict[int, int] = field(default_factory=dict)  # head -> buffer address
+    completed: int = 0  # chains the back-end has returned, in all
 
 
 class NetFrontend:
@@ -220,14 +221,16 @@ class NetFrontend:
         self.rings[index].queue.kick()
 
     def tx_done(self, pair: int = 0) -> int:
-        """TX buffers the back-end has returned so far (and reclaims them)."""
-        return self._reclaim(self.rings[spec.tx_queue(pair)])
+        """How many frames sent on `pair` the back-end has returned, in all."""
+        ring = self.rings[spec.tx_queue(pair)]
+        self._reclaim(ring)
+        return ring.completed
 
-    def _reclaim(self, ring: Ring) -> int:
+    def _reclaim(self, ring: Ring) -> None:
         done = ring.queue.used()
         for head, _ in done:
             ring.slots.append(ring.inflight.pop(head))
-        return len(done)
+        ring.completed += len(done)
 
     def post_rx(self, pair: int = 0, count: int | None = None) -> int:
         """Give the back-end empty RX buffers (all free ones by default)."""
@@ -263,6 +266,8 @@ class NetFrontend:
                 frames.append(frame if with_header else frame[self.hdr_size :])
             if len(frames) >= count:
                 break
+            if ring.queue.enable_interrupts():
+                continue  # buffers came back while we re-armed: no sleep
             left = deadline - time.monotonic()
             if left <= 0:
                 break

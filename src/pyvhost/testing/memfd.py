@@ -33,3 +33,19 @@ def mappings_named(name: str) -> list[str]:
     """Lines of /proc/self/maps for memfd `name` (mapping leak checks)."""
     with open("/proc/self/maps") as f:
         return [line for line in f if f"/memfd:{name} " in line]
+
+
+def open_fds(pid: int | str = "self") -> set[int]:
+    """The fds open in a process (for leak checks)."""
+    entries = {int(x) for x in os.listdir(f"/proc/{pid}/fd")}
+    if pid != "self":
+        return entries
+    # listdir's own directory fd is in the list but closed by now.
+    live = set()
+    for fd in entries:
+        try:
+            os.fstat(fd)
+            live.add(fd)
+        except OSError:
+            pass
+    return live

@@ -45,6 +45,7 @@ from pyvhost.vhost_user.messages import (
 from pyvhost.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
+    VERSION_MASK,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ProtocolFeature as PF,
     Request as R,
@@ -73,7 +74,7 @@ OFFERED_PROTOCOL_FEATURES = mask(
 )
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not value: rings are keys in the event loop
 class Vring:
     """What the front-end told us of one ring, and the queue serving it."""
 
@@ -139,6 +140,8 @@ class Backend:
 
     def _failure_reply(self, frame: Frame, spec) -> bytes | None:
         request = frame.header.request
+        if frame.header.flags & VERSION_MASK != VERSION or frame.header.flags & FLAG_REPLY:
+            return None  # not a request we understand: answering could desynchronise the peer
         if spec is not None and spec.reply is not None:
             # No failure code exists for these; an empty payload is the
             # spec's error signal for GET_CONFIG, and a size the front-end

@@ -182,6 +182,20 @@ class DriverQueue:
             self.last_used = (self.last_used + 1) & 0xFFFF
         return out
 
+    def enable_interrupts(self) -> bool:
+        """Ask for an interrupt at the next used buffer, before sleeping on it.
+
+        As Linux's virtqueue_enable_cb: with EVENT_IDX, used_event := the next
+        entry we will read; without, clear NO_INTERRUPT. Returns True if used
+        buffers are already waiting (read them instead of sleeping).
+        """
+        if self.event_idx:
+            self.set_used_event(self.last_used)
+        else:
+            self.suppress_interrupts(False)
+        full_fence()  # our request must be visible before we re-read used.idx
+        return self.used_idx != self.last_used
+
     def suppress_interrupts(self, suppress: bool) -> None:
         """Without EVENT_IDX: set or clear VRING_AVAIL_F_NO_INTERRUPT."""
         U16.pack_into(self._avail, RING_FLAGS, VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0)

@@ -1,0 +1,81 @@
+"""Starting and stopping pyvhost processes in tests and tools, by PID, cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class PyvhostProcess:
+    """`python -m pyvhost ARGS` as a child; stop() sends SIGTERM and reaps it."""
+
+    def __init__(self, args: list[str], socket_path: str | None = None, wait: bool = True):
+        self.args = args
+        self.socket_path = socket_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyvhost", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if wait and socket_path is not None:
+            try:
+                wait_for(
+                    lambda: os.path.exists(socket_path) or self.proc.poll() is not None,
+                    10,
+                    f"pyvhost to listen on {socket_path}",
+                )
+            except BaseException:
+                self.kill()
+                raise
+            if self.proc.poll() is not None:
+                out, err = self.proc.communicate()
+                raise RuntimeError(f"pyvhost exited with {self.proc.returncode}: {err}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fds(self) -> set[int]:
+        return {int(x) for x in os.listdir(f"/proc/{self.pid}/fd")}
+
+    def maps(self, name: str) -> list[str]:
+        with open(f"/proc/{self.pid}/maps") as f:
+            return [line for line in f if name in line]
+
+    def stop(self, timeout: float = 10.0) -> tuple[int, str, str]:
+        """SIGTERM, wait, and return (exit status, stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, out, err
+
+    def wait(self, timeout: float = 10.0) -> tuple[int, str, str]:
+        """Wait for the process to exit on its own; (exit status, stdout, stderr)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
