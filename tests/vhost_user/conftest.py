@@ -11,11 +11,12 @@ from pyvhost.testing import GuestRam
 from pyvhost.testing.memfd import open_fds
 from pyvhost.vhost_user.backend import Backend
 from pyvhost.vhost_user.codec import REQUESTS, MessageReader, decode_reply, encode
-from pyvhost.vhost_user.messages import Empty, MemoryRegionDesc, MemoryTable, U64
+from pyvhost.vhost_user.messages import U64, Empty, MemoryRegionDesc, MemoryTable
 from pyvhost.vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES, Request as R
 from pyvhost.virtq import VIRTIO_F_VERSION_1, DriverQueue, SplitQueue, ring_footprint
 
 FRONTEND_BASE = 0x7F00_0000_0000
+EMPTY = Empty()
 
 
 class RecordingDevice(VirtioDevice):
@@ -79,7 +80,7 @@ class Session:
         self.reader = MessageReader()
         self.owned_fds: list[int] = []
 
-    def send(self, request: R, payload=Empty(), fds=(), need_reply=False):
+    def send(self, request: R, payload=EMPTY, fds=(), need_reply=False):
         """One request; returns the decoded reply payload, the ack code, or None."""
         fds = [os.dup(fd) for fd in fds]  # what SCM_RIGHTS would hand the back-end
         [frame] = self.reader.feed(encode(request, payload, need_reply=need_reply), fds)

@@ -10,11 +10,11 @@ from pyvhost.testing import GuestRam
 from pyvhost.testing.memfd import fds_named, mappings_named, memfd
 from pyvhost.vhost_user.backend import OFFERED_PROTOCOL_FEATURES
 from pyvhost.vhost_user.messages import (
+    U64,
     ConfigSpace,
     MemoryRegionDesc,
     MemoryTable,
     SingleRegion,
-    U64,
     VringAddr,
     VringFd,
     VringState,

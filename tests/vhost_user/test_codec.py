@@ -5,8 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from pyvhost.errors import (
     MalformedMessageError,
@@ -16,13 +15,13 @@ from pyvhost.errors import (
 )
 from pyvhost.vhost_user.codec import Frame, MessageReader, decode_request, encode
 from pyvhost.vhost_user.messages import (
+    U64,
     ConfigSpace,
     Empty,
     Header,
     MemoryRegionDesc,
     MemoryTable,
     SingleRegion,
-    U64,
     VringAddr,
     VringFd,
     VringState,

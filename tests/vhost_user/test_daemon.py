@@ -11,9 +11,9 @@ import pytest
 from pyvhost.devices.net import spec
 from pyvhost.frontend.client import VhostUserClient
 from pyvhost.frontend.net import NetFrontend
+from pyvhost.testing.memfd import memfd
 from pyvhost.testing.processes import PyvhostProcess, wait_for
-from pyvhost.vhost_user.codec import MessageReader
-from pyvhost.vhost_user.messages import Header, MemoryRegionDesc, U64
+from pyvhost.vhost_user.messages import U64, Header, MemoryRegionDesc
 from pyvhost.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     VERSION,
@@ -21,7 +21,6 @@ from pyvhost.vhost_user.protocol import (
     Request as R,
     mask,
 )
-from pyvhost.testing.memfd import memfd
 
 FRAME = bytes.fromhex("ffffffffffff525400000001") + b"\x08\x00" + bytes(range(50))
 
@@ -225,7 +224,3 @@ def test_mq_reports_queue_pairs(daemon, sock_path):
     c.set_protocol_features(mask(PF.MQ, PF.REPLY_ACK))
     assert c.get_queue_num() == 2
     c.close()
-
-
-def test_reader_helper_is_exported():
-    assert MessageReader().wanted() == 12
