@@ -9,7 +9,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # Debian packages the tests use. Only missing ones are installed.
-APT_PACKAGES=(python3 python3-venv python3-pip iproute2)
+APT_PACKAGES=(python3 python3-venv python3-pip iproute2 dpdk util-linux)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

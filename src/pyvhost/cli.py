@@ -76,8 +76,16 @@ def cmd_loopback(args: argparse.Namespace) -> int:
 
     if args.queue_pairs < 1:
         raise PyvhostError(f"--queue-pairs {args.queue_pairs}: must be at least 1")
-    daemon = Daemon(LoopbackNet(args.queue_pairs), args.socket, client=args.client)
-    return run_daemon(daemon)
+    device = LoopbackNet(args.queue_pairs)
+    daemon = Daemon(device, args.socket, client=args.client)
+    status = run_daemon(daemon)
+    c = device.counters
+    print(
+        f"loopback: frames={c.frames} bytes={c.bytes} truncated={c.truncated} "
+        f"discarded={c.discarded}",
+        flush=True,
+    )
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

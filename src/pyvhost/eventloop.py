@@ -52,8 +52,15 @@ class EventLoop:
     def run_once(self, timeout: float | None = None) -> None:
         if self._pollers:
             timeout = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
-        for key, _ in self._selector.select(timeout):
-            key.data()
+        events = self._selector.select(timeout)
+        registered = self._selector.get_map()
+        for key, _ in events:
+            # An earlier callback in this batch may have unregistered this fd
+            # (a front-end left and its kick fds were closed), or the number
+            # may already belong to a new registration. epoll is level-
+            # triggered here, so skipping a stale event loses nothing.
+            if registered.get(key.fd) is key:
+                key.data()
         for poll in list(self._pollers.values()):
             poll()
 

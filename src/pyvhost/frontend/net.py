@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 # A made-up VMM virtual address for guest address 0: frontend addresses are
 # deliberately unlike guest ones, so a back-end mixing them up fails loudly.
 FRONTEND_BASE = 0x7F00_0000_0000
+# virtio device status bits (virtio 1.x section 2.1)
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+
 TX_SLOT = 65536 + 128  # a 64 KiB GSO frame and its header fit in one TX buffer
 
 WANTED_FEATURES = mask(
@@ -129,10 +135,17 @@ class NetFrontend:
         self.features = offered & self._want_features
         c.set_features(self.features)
         self.hdr_size = spec.header_size(self.features)
+        self._set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
         self._share_memory()
         for pair in range(self.queue_pairs):
             for index in (spec.rx_queue(pair), spec.tx_queue(pair)):
                 self._setup_ring(index)
+        # Back-ends with STATUS (DPDK's among them) wait for DRIVER_OK to start.
+        self._set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+
+    def _set_status(self, status: int) -> None:
+        if self.client.protocol_features & (1 << PF.STATUS):
+            self.client.set_status(status)
 
     def _share_memory(self) -> None:
         desc = MemoryRegionDesc(0, self.ram.size, FRONTEND_BASE, 0)

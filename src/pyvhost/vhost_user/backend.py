@@ -124,6 +124,7 @@ class Backend:
                     f"{msg.name} needs protocol feature {spec.gate.name}, not negotiated",
                     int(msg.request),
                 )
+            log.debug("%s %s fds=%s", msg.name, msg.payload, msg.fds)
             reply = getattr(self, f"_on_{msg.name.lower()}")(msg)
         except (ProtocolError, GuestMemoryError, QueueError) as e:
             _close_all(frame.fds)

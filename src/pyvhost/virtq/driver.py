@@ -19,7 +19,6 @@ from pyvhost.virtq.layout import (
     RING_ENTRIES,
     RING_FLAGS,
     RING_IDX,
-    U16,
     USED_ALIGN,
     USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -33,6 +32,7 @@ from pyvhost.virtq.layout import (
     full_fence,
     is_valid_queue_size,
     need_event,
+    u16_view,
     used_event_offset,
 )
 
@@ -79,6 +79,9 @@ class DriverQueue:
         self._desc[:] = bytes(len(self._desc))
         self._avail[:] = bytes(len(self._avail))
         self._used[:] = bytes(len(self._used))
+        # Index, flags and event fields: single 16-bit accesses (layout.u16_view).
+        self._avail16 = u16_view(self._avail)
+        self._used16 = u16_view(self._used)
         self._free = list(range(size - 1, -1, -1))  # a stack of free descriptor indices
         self._chains: dict[int, list[int]] = {}  # head -> descriptor indices it holds
         self.avail_idx = 0  # next avail slot to fill (published or not)
@@ -141,7 +144,7 @@ class DriverQueue:
 
     def publish(self) -> None:
         """Make every posted chain visible: write avail.idx (after the entries)."""
-        U16.pack_into(self._avail, RING_IDX, self.avail_idx)
+        self._avail16[RING_IDX // 2] = self.avail_idx
         self._published = self.avail_idx
 
     def needs_kick(self) -> bool:
@@ -150,9 +153,9 @@ class DriverQueue:
         new, old = self._published, self._kicked_at
         self._kicked_at = new
         if self.event_idx:
-            avail_event = U16.unpack_from(self._used, avail_event_offset(self.size))[0]
+            avail_event = self._used16[avail_event_offset(self.size) // 2]
             return need_event(avail_event, new, old)
-        return not U16.unpack_from(self._used, RING_FLAGS)[0] & VIRTQ_USED_F_NO_NOTIFY
+        return not self._used16[RING_FLAGS // 2] & VIRTQ_USED_F_NO_NOTIFY
 
     def kick(self) -> bool:
         """Publish, then signal the kick eventfd if the device asked for it."""
@@ -167,7 +170,7 @@ class DriverQueue:
 
     @property
     def used_idx(self) -> int:
-        return U16.unpack_from(self._used, RING_IDX)[0]
+        return self._used16[RING_IDX // 2]
 
     def used(self) -> list[tuple[int, int]]:
         """(head, written) for every chain the device returned since the last call."""
@@ -198,11 +201,11 @@ class DriverQueue:
 
     def suppress_interrupts(self, suppress: bool) -> None:
         """Without EVENT_IDX: set or clear VRING_AVAIL_F_NO_INTERRUPT."""
-        U16.pack_into(self._avail, RING_FLAGS, VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0)
+        self._avail16[RING_FLAGS // 2] = VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0
 
     def set_used_event(self, idx: int) -> None:
         """With EVENT_IDX: interrupt me once used.idx passes `idx`."""
-        U16.pack_into(self._avail, used_event_offset(self.size), idx & 0xFFFF)
+        self._avail16[used_event_offset(self.size) // 2] = idx & 0xFFFF
 
     # --- raw writers, for building hostile rings ------------------------------------------
 
@@ -210,8 +213,8 @@ class DriverQueue:
         DESC.pack_into(self._desc, 16 * index, addr, length, flags, next_)
 
     def write_avail_slot(self, slot: int, head: int) -> None:
-        U16.pack_into(self._avail, RING_ENTRIES + 2 * (slot & (self.size - 1)), head)
+        self._avail16[RING_ENTRIES // 2 + (slot & (self.size - 1))] = head
 
     def set_avail_idx(self, idx: int) -> None:
-        U16.pack_into(self._avail, RING_IDX, idx & 0xFFFF)
+        self._avail16[RING_IDX // 2] = idx & 0xFFFF
         self._published = idx & 0xFFFF

@@ -50,7 +50,6 @@ from pyvhost.virtq.layout import (
     RING_ENTRIES,
     RING_FLAGS,
     RING_IDX,
-    U16,
     USED_ALIGN,
     USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -64,6 +63,7 @@ from pyvhost.virtq.layout import (
     full_fence,
     is_valid_queue_size,
     need_event,
+    u16_view,
     used_event_offset,
     used_ring_size,
 )
@@ -71,9 +71,12 @@ from pyvhost.virtq.layout import (
 log = logging.getLogger(__name__)
 
 _unpack_desc = DESC.unpack_from
-_unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
 _pack_used = USED_ELEM.pack_into
+
+# Ring fields as indices into the rings' u16 views (see layout.u16_view).
+_FLAGS = RING_FLAGS // 2
+_IDX = RING_IDX // 2
+_ENTRIES = RING_ENTRIES // 2
 
 
 class DescriptorChain:
@@ -137,16 +140,17 @@ class SplitQueue:
         self.broken: QueueError | None = None
         self._memory = memory
         self._mask = size - 1
-        self._used_event_off = used_event_offset(size)
-        self._avail_event_off = avail_event_offset(size)
         self._pins: list[Pin] = []
         self._desc: memoryview | None = None
-        self._avail: memoryview | None = None
-        self._used: memoryview | None = None
+        self._avail: memoryview | None = None  # u16 view of the avail ring
+        self._used: memoryview | None = None  # the used ring, bytes
+        self._used16: memoryview | None = None  # ... and as u16
+        self._used_event = used_event_offset(size) // 2  # in the avail u16 view
+        self._avail_event = avail_event_offset(size) // 2  # in the used u16 view
         self._map_rings()  # raises QueueConfigError if a ring is not in guest memory
         self._next_avail = next_avail & 0xFFFF
         self._shadow_avail = self._next_avail  # avail.idx as last read
-        self._next_used = _unpack_u16(self._used, RING_IDX)[0]
+        self._next_used = self._used16[_IDX]
         self._signalled_used: int | None = None  # used idx at the last notify decision
         memory.add_listener(self)
 
@@ -184,7 +188,7 @@ class SplitQueue:
         na = self._next_avail
         if na == self._shadow_avail:
             # avail.idx is read once per batch: only when the last read is used up.
-            idx = _unpack_u16(avail, RING_IDX)[0]
+            idx = avail[_IDX]
             ahead = (idx - na) & 0xFFFF
             if ahead > self.size:
                 self._break(
@@ -197,7 +201,7 @@ class SplitQueue:
             if ahead == 0:
                 return None
             self._shadow_avail = idx
-        head = _unpack_u16(avail, RING_ENTRIES + 2 * (na & self._mask))[0]
+        head = avail[_ENTRIES + (na & self._mask)]
         self._next_avail = (na + 1) & 0xFFFF
         try:
             return self._walk(head)
@@ -317,7 +321,7 @@ class SplitQueue:
         nu = (nu + 1) & 0xFFFF
         self._next_used = nu
         # x86 keeps these two stores in order: the element is visible first.
-        _pack_u16(used, RING_IDX, nu)
+        self._used16[_IDX] = nu
 
     def push_used_batch(self, completions: list[tuple[int, int]]) -> None:
         """Return several chains, publishing used.idx once after all elements."""
@@ -333,7 +337,7 @@ class SplitQueue:
             _pack_used(used, RING_ENTRIES + 8 * (nu & mask), head, written)
             nu = (nu + 1) & 0xFFFF
         self._next_used = nu
-        _pack_u16(used, RING_IDX, nu)
+        self._used16[_IDX] = nu
 
     # --- notifications ---------------------------------------------------------------
 
@@ -343,34 +347,34 @@ class SplitQueue:
         if avail is None:
             return False
         if not self.event_idx:
-            return not _unpack_u16(avail, RING_FLAGS)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not avail[_FLAGS] & VIRTQ_AVAIL_F_NO_INTERRUPT
         new = self._next_used
         old = self._signalled_used
         self._signalled_used = new
         if old is None:
             return True  # first decision: nothing to compare against
         full_fence()  # our used.idx store must land before we read used_event
-        used_event = _unpack_u16(avail, self._used_event_off)[0]
+        used_event = avail[self._used_event]
         return need_event(used_event, new, old)
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick while we are polling anyway."""
-        if self._used is not None and not self.event_idx:
-            _pack_u16(self._used, RING_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
+        if self._used16 is not None and not self.event_idx:
+            self._used16[_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX, leaving avail_event behind has the same effect.
 
     def enable_notification(self) -> bool:
         """Ask for kicks again. True if chains arrived meanwhile: poll once more."""
-        used = self._used
+        used = self._used16
         avail = self._avail
         if used is None or avail is None or self.broken is not None:
             return False
         if self.event_idx:
-            _pack_u16(used, self._avail_event_off, self._next_avail)
+            used[self._avail_event] = self._next_avail
         else:
-            _pack_u16(used, RING_FLAGS, 0)
+            used[_FLAGS] = 0
         full_fence()  # publish our request before re-reading avail.idx
-        return _unpack_u16(avail, RING_IDX)[0] != self._next_avail
+        return avail[_IDX] != self._next_avail
 
     # --- the memory map under the rings -------------------------------------------
 
@@ -414,10 +418,15 @@ class SplitQueue:
                 p.release()
             raise
         self._pins = pins
-        self._desc, self._avail, self._used = (p.views[0] for p in pins)
+        self._desc, avail, self._used = (p.views[0] for p in pins)
+        self._avail = u16_view(avail)
+        self._used16 = u16_view(self._used)
 
     def _unmap_rings(self) -> None:
-        self._desc = self._avail = self._used = None
+        for view in (self._avail, self._used16):
+            if view is not None:
+                view.release()  # derived views would hold the mapping open
+        self._desc = self._avail = self._used = self._used16 = None
         pins, self._pins = self._pins, []
         for p in pins:
             p.release()
