@@ -1,17 +1,24 @@
 """pyvhost's command line.
 
+pyvhost net --socket PATH [--client] [--mac MAC] [--mtu N] --netdev tap,OPTIONS
+            [--user USER] [--group GROUP]
+pyvhost stats --socket PATH [--json]
 pyvhost loopback --socket PATH [--client] [--queue-pairs N]
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
+import json
 import logging
+import os
+import pwd
 import signal
 import socket
 import sys
 
-from pyvhost.errors import PyvhostError
+from pyvhost.errors import OptionError, PyvhostError
 
 log = logging.getLogger("pyvhost")
 
@@ -29,6 +36,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvhost", description="vhost-user virtio-net back-end")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    net = sub.add_parser("net", help="serve a virtio-net device bridged to a TAP")
+    _common(net)
+    net.add_argument(
+        "--netdev",
+        required=True,
+        metavar="tap,OPTIONS",
+        help="QEMU's -netdev tap grammar: ifname=, fd=, fds=, script=, downscript=, "
+        "sndbuf=, vnet_hdr=, queues=, vhost=, vhostfd=, vhostfds=, vhostforce=",
+    )
+    net.add_argument("--mac", default="52:54:00:12:34:56", help="the guest's MAC address")
+    net.add_argument("--mtu", type=int, help="offer VIRTIO_NET_F_MTU with this MTU")
+    net.add_argument("--user", help="drop to this user once the TAP is open")
+    net.add_argument("--group", help="drop to this group once the TAP is open")
+    net.add_argument(
+        "--stats-socket", metavar="PATH", help="where counters are served (default: SOCKET.stats)"
+    )
+
+    st = sub.add_parser("stats", help="print a running pyvhost's per-queue counters")
+    st.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket")
+    st.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
     lo = sub.add_parser(
         "loopback",
         help="serve a virtio-net device whose cable is looped back (no host networking)",
@@ -38,35 +68,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_daemon(daemon) -> int:
-    """Serve until SIGTERM or SIGINT, then clean up."""
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+class SignalWakeup:
+    """SIGTERM/SIGINT stop the loop; SIGUSR1 calls on_usr1. Restores handlers on close."""
 
-    def on_wake() -> None:
+    def __init__(self, loop, on_usr1=None) -> None:
+        self.loop = loop
+        self.on_usr1 = on_usr1
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno())
+        self._usr1 = False
+        loop.add_reader(self._r.fileno(), self._drain)
+        sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+        self._old = {s: signal.signal(s, self._handler) for s in sigs}
+
+    def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGUSR1:
+            self._usr1 = True  # printed from the loop, not from inside a handler
+        else:
+            log.info("signal %d: shutting down", signum)
+            self.loop.stop()
+
+    def _drain(self) -> None:
         try:
-            wake_r.recv(64)
+            self._r.recv(64)
         except BlockingIOError:
             pass
+        if self._usr1:
+            self._usr1 = False
+            if self.on_usr1 is not None:
+                self.on_usr1()
 
-    def on_signal(signum, frame) -> None:
-        log.info("signal %d: shutting down", signum)
-        daemon.loop.stop()
+    def close(self) -> None:
+        self.loop.remove_reader(self._r.fileno())
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(self._old_fd)
+        self._r.close()
+        self._w.close()
 
-    daemon.loop.add_reader(wake_r.fileno(), on_wake)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+def run_daemon(daemon, on_usr1=None) -> int:
+    """Serve until SIGTERM or SIGINT, then clean up."""
+    wake = SignalWakeup(daemon.loop, on_usr1)
     try:
         daemon.run()
     finally:
         daemon.close()
-        daemon.loop.remove_reader(wake_r.fileno())
-        for s, h in old.items():
-            signal.signal(s, h)
-        signal.set_wakeup_fd(old_wakeup)
-        wake_r.close()
-        wake_w.close()
+        wake.close()
     return 0
 
 
@@ -75,7 +125,7 @@ def cmd_loopback(args: argparse.Namespace) -> int:
     from pyvhost.vhost_user.daemon import Daemon
 
     if args.queue_pairs < 1:
-        raise PyvhostError(f"--queue-pairs {args.queue_pairs}: must be at least 1")
+        raise OptionError(f"--queue-pairs {args.queue_pairs}: must be at least 1")
     device = LoopbackNet(args.queue_pairs)
     daemon = Daemon(device, args.socket, client=args.client)
     status = run_daemon(daemon)
@@ -88,12 +138,137 @@ def cmd_loopback(args: argparse.Namespace) -> int:
     return status
 
 
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise OptionError(f"--mac {text}: expected six hex bytes, e.g. 52:54:00:12:34:56")
+    if mac[0] & 1:
+        raise OptionError(f"--mac {text}: a multicast address; the first byte must be even")
+    return mac
+
+
+def resolve_ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    uid = gid = None
+    if user is not None:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise OptionError(f"--user {user}: no such user") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise OptionError(f"--group {group}: no such group") from None
+    return uid, gid
+
+
+def drop_privileges(uid: int | None, gid: int | None, paths: list[str]) -> None:
+    """Become uid/gid for good; the sockets we created become theirs."""
+    if uid is None and gid is None:
+        return
+    for p in paths:
+        os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid)
+    if gid is not None:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:  # pragma: no cover
+            raise PyvhostError("dropped privileges could be regained; refusing to run")
+    log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+
+
+def cmd_net(args: argparse.Namespace) -> int:
+    from pyvhost.backends.tap_netdev import TapNetdev
+    from pyvhost.backends.tap_options import parse_netdev
+    from pyvhost.devices.net.device import VirtioNet
+    from pyvhost.stats import StatsServer, stats_path
+    from pyvhost.vhost_user.daemon import Daemon
+
+    # Everything that needs nothing opened is checked first: a refusal leaves nothing.
+    opts = parse_netdev(args.netdev)
+    mac = parse_mac(args.mac)
+    if args.mtu is not None and not 68 <= args.mtu <= 65535:
+        raise OptionError(f"--mtu {args.mtu}: must be between 68 and 65535")
+    uid, gid = resolve_ids(args.user, args.group)
+    if uid is not None and opts.downscript:
+        log.warning("downscript= will run as --user %s, without root's privileges", args.user)
+
+    netdev = TapNetdev.open(opts)
+    daemon = stats = None
+    try:
+        device = VirtioNet(netdev.queues, mac=mac, mtu=args.mtu)
+        daemon = served = Daemon(device, args.socket, client=args.client)
+
+        def snapshot() -> dict:
+            return {
+                "device": device.name,
+                "interface": netdev.ifname,
+                "socket": args.socket,
+                "sessions": served.sessions,
+                "features": f"0x{device.acked_features:x}",
+                "queues": {name: c.as_dict() for name, c in device.counters().items()},
+            }
+
+        def print_stats() -> None:
+            print(format_table(snapshot()), flush=True)
+
+        stats = StatsServer(args.stats_socket or stats_path(args.socket), daemon.loop, snapshot)
+        owned = [stats.path] + ([] if args.client else [args.socket])
+        drop_privileges(uid, gid, owned)
+        print(
+            f"pyvhost: serving virtio-net on {args.socket}, TAP {netdev.ifname} "
+            f"({len(netdev.queues)} queue{'s' if len(netdev.queues) > 1 else ''}, "
+            f"vnet_hdr={'on' if device.vnet_hdr else 'off'}, "
+            f"offloads={'on' if device.offloads else 'off'})",
+            flush=True,
+        )
+        run_daemon(daemon, on_usr1=print_stats)
+        daemon = None  # closed by run_daemon
+        print_stats()
+    finally:
+        if stats is not None:
+            stats.close()
+        if daemon is not None:
+            daemon.close()
+        netdev.close()
+    return 0
+
+
+def format_table(snapshot: dict) -> str:
+    from pyvhost.stats import format_table as fmt
+
+    return fmt(snapshot)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from pyvhost.stats import fetch, stats_path
+
+    snap = fetch(args.stats_socket or stats_path(args.socket))
+    print(json.dumps(snap, indent=1) if args.json else format_table(snap))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    level = (
+        [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+        if hasattr(args, "verbose")
+        else logging.WARNING
+    )
     logging.basicConfig(level=level, format="pyvhost: %(levelname)s: %(message)s")
+    commands = {"loopback": cmd_loopback, "net": cmd_net, "stats": cmd_stats}
     try:
-        return {"loopback": cmd_loopback}[args.command](args)
+        return commands[args.command](args)
     except PyvhostError as e:
         print(f"pyvhost: error: {e}", file=sys.stderr)
         return 2

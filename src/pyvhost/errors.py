@@ -151,3 +151,14 @@ class TransportError(PyvhostError):
 
 class PeerError(PyvhostError):
     """The other side (as seen by the frontend client) refused or broke a request."""
+
+
+# --- host side and configuration ----------------------------------------------------
+
+
+class TapError(PyvhostError):
+    """A TAP device could not be opened, configured, read or written."""
+
+
+class OptionError(PyvhostError):
+    """A command-line option or --netdev sub-option that cannot be used as given."""

@@ -57,6 +57,19 @@ WANTED_FEATURES = mask(
     spec.F_STATUS,
     spec.F_MRG_RXBUF,
     spec.F_MTU,
+    spec.F_CTRL_VQ,
+    spec.F_CTRL_RX,
+    spec.F_CTRL_MAC_ADDR,
+    spec.F_CTRL_GUEST_OFFLOADS,
+    spec.F_MQ,
+    spec.F_CSUM,
+    spec.F_GUEST_CSUM,
+    spec.F_HOST_TSO4,
+    spec.F_HOST_TSO6,
+    spec.F_HOST_ECN,
+    spec.F_GUEST_TSO4,
+    spec.F_GUEST_TSO6,
+    spec.F_GUEST_ECN,
     VHOST_USER_F_PROTOCOL_FEATURES,
 )
 WANTED_PROTOCOL = mask(
@@ -92,7 +105,7 @@ class NetFrontend:
         queue_pairs: int = 1,
         queue_size: int = 256,
         rx_buf_size: int = 2048,
-        mem_size: int = 64 << 20,
+        mem_size: int | None = None,
         features: int | None = None,
         protocol_features: int | None = None,
         use_add_mem_reg: bool = False,
@@ -101,6 +114,11 @@ class NetFrontend:
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
         self.rx_buf_size = rx_buf_size
+        if mem_size is None:
+            # Every ring's buffers plus the rings; memfds are sparse, so room is cheap.
+            per_pair = queue_size * (TX_SLOT + rx_buf_size + 64) + 2 * ring_footprint(queue_size)
+            need = queue_pairs * per_pair + queue_size * 4096 * 2 + (8 << 20)
+            mem_size = (need + (2 << 20) - 1) & ~((2 << 20) - 1)
         self.ram = GuestRam(mem_size, name="pyvhost-frontend-ram")
         self.extra_regions: list[tuple[MemoryRegionDesc, GuestRam]] = []
         self.rings: dict[int, Ring] = {}
@@ -128,11 +146,15 @@ class NetFrontend:
         if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             c.set_protocol_features(c.get_protocol_features() & self._want_protocol)
         c.set_owner()
+        pairs = self.queue_pairs
         if c.protocol_features & (1 << PF.MQ):
             pairs = c.get_queue_num()
             if pairs < self.queue_pairs:
                 raise PeerError(f"back-end serves {pairs} queue pairs; {self.queue_pairs} wanted")
         self.features = offered & self._want_features
+        if self.queue_pairs == 1:
+            self.features &= ~(1 << spec.F_MQ)  # one pair: the control queue sits at 2
+        self.max_pairs = pairs if self.features & (1 << spec.F_MQ) else 1
         c.set_features(self.features)
         self.hdr_size = spec.header_size(self.features)
         self._set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
@@ -140,6 +162,8 @@ class NetFrontend:
         for pair in range(self.queue_pairs):
             for index in (spec.rx_queue(pair), spec.tx_queue(pair)):
                 self._setup_ring(index)
+        if self.features & (1 << spec.F_CTRL_VQ):
+            self._setup_ring(self.ctrl_index)
         # Back-ends with STATUS (DPDK's among them) wait for DRIVER_OK to start.
         self._set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
 
@@ -154,13 +178,21 @@ class NetFrontend:
         else:
             self.client.set_mem_table([desc], [self.ram.fd])
 
+    @property
+    def ctrl_index(self) -> int:
+        return 2 * self.max_pairs if self.features & (1 << spec.F_MQ) else 2
+
     def _setup_ring(self, index: int) -> None:
         c, size = self.client, self.queue_size
         event_idx = bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX))
         base = self.ram.alloc(ring_footprint(size), align=4096)
         q = DriverQueue.layout(self.ram.memory, base, size, event_idx=event_idx)
-        is_tx = index % 2 == 1
-        slot = TX_SLOT if is_tx else self.rx_buf_size
+        if index == self.ctrl_index and self.features & (1 << spec.F_CTRL_VQ):
+            slot = 4096
+        elif index % 2 == 1:
+            slot = TX_SLOT
+        else:
+            slot = self.rx_buf_size
         slots = [self.ram.alloc(slot, align=64) for _ in range(size)]
         ring = Ring(index, q, eventfd(), eventfd(), eventfd(), slots, slot)
         q.kick_fd = ring.kick
@@ -312,6 +344,35 @@ class NetFrontend:
                 os.eventfd_read(fd)
             except BlockingIOError:
                 pass
+
+    def command(self, cls: int, cmd: int, data: bytes = b"", timeout: float = 5.0) -> int:
+        """Send a control-queue command; returns the device's ack (0 is OK)."""
+        ring = self.rings[self.ctrl_index]
+        self._reclaim(ring)
+        cmd_addr, ack_addr = ring.slots.pop(), ring.slots.pop()
+        self.ram.memory.write(cmd_addr, bytes([cls, cmd]) + data)
+        self.ram.memory.write(ack_addr, b"\xff")
+        head = ring.queue.add(readable=[(cmd_addr, 2 + len(data))], writable=[(ack_addr, 1)])
+        ring.inflight[head] = cmd_addr
+        ring.queue.kick()
+        deadline = time.monotonic() + timeout
+        before = ring.completed
+        while True:
+            self._reclaim(ring)
+            if ring.completed != before:
+                break
+            if time.monotonic() > deadline:
+                raise PeerError(f"no answer to control command {cls}/{cmd} in {timeout} s")
+            if not ring.queue.enable_interrupts():
+                self._wait(ring.call, 0.05)
+        ring.slots.append(ack_addr)
+        return self.ram.memory.read(ack_addr, 1)[0]
+
+    def set_queue_pairs(self, n: int) -> None:
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, as a multiqueue driver sends it."""
+        status = self.command(spec.CTRL_MQ, spec.CTRL_MQ_VQ_PAIRS_SET, n.to_bytes(2, "little"))
+        if status != spec.CTRL_OK:
+            raise PeerError(f"the device refused {n} queue pairs")
 
     def ring_errors(self, index: int) -> int:
         """How often the back-end signalled ring `index`'s error eventfd."""

@@ -21,7 +21,13 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "c
 class PyvhostProcess:
     """`python -m pyvhost ARGS` as a child; stop() sends SIGTERM and reaps it."""
 
-    def __init__(self, args: list[str], socket_path: str | None = None, wait: bool = True):
+    def __init__(
+        self,
+        args: list[str],
+        socket_path: str | None = None,
+        wait: bool = True,
+        pass_fds: tuple[int, ...] = (),
+    ):
         self.args = args
         self.socket_path = socket_path
         self.proc = subprocess.Popen(
@@ -29,6 +35,7 @@ class PyvhostProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            pass_fds=pass_fds,
         )
         if wait and socket_path is not None:
             try:

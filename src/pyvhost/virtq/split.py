@@ -152,6 +152,7 @@ class SplitQueue:
         self._shadow_avail = self._next_avail  # avail.idx as last read
         self._next_used = self._used16[_IDX]
         self._signalled_used: int | None = None  # used idx at the last notify decision
+        self._kicks_wanted = True  # until disable_notification(): keep avail_event current
         memory.add_listener(self)
 
     # --- state the vhost-user layer reads and sets ------------------------------
@@ -191,15 +192,14 @@ class SplitQueue:
             idx = avail[_IDX]
             ahead = (idx - na) & 0xFFFF
             if ahead > self.size:
-                self._break(
-                    AvailIndexError(
-                        f"avail.idx {idx} is {ahead} entries ahead of the device's {na}, "
-                        f"more than the queue size {self.size}"
-                    )
-                )
-                return None
+                return self._break_ahead(idx, na, ahead)
             if ahead == 0:
-                return None
+                if not (self._kicks_wanted and self.event_idx and self._rearm(na)):
+                    return None
+                idx = avail[_IDX]
+                ahead = (idx - na) & 0xFFFF
+                if ahead > self.size:
+                    return self._break_ahead(idx, na, ahead)
             self._shadow_avail = idx
         head = avail[_ENTRIES + (na & self._mask)]
         self._next_avail = (na + 1) & 0xFFFF
@@ -210,6 +210,21 @@ class SplitQueue:
         except GuestMemoryError as e:
             self._break(DescriptorMemoryError(f"chain at head {head}: {e}"))
         return None
+
+    def _rearm(self, na: int) -> bool:
+        """Empty ring, kicks wanted: ask for a kick at the next entry (as QEMU's
+        virtqueue_pop does), then look again. True if entries arrived meanwhile."""
+        self._used16[self._avail_event] = na
+        full_fence()
+        return self._avail[_IDX] != na
+
+    def _break_ahead(self, idx: int, na: int, ahead: int) -> None:
+        self._break(
+            AvailIndexError(
+                f"avail.idx {idx} is {ahead} entries ahead of the device's {na}, "
+                f"more than the queue size {self.size}"
+            )
+        )
 
     def unpop(self) -> None:
         """Give back the last popped chain (not yet pushed): the next pop returns it again.
@@ -359,6 +374,7 @@ class SplitQueue:
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick while we are polling anyway."""
+        self._kicks_wanted = False
         if self._used16 is not None and not self.event_idx:
             self._used16[_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX, leaving avail_event behind has the same effect.
@@ -367,6 +383,7 @@ class SplitQueue:
         """Ask for kicks again. True if chains arrived meanwhile: poll once more."""
         used = self._used16
         avail = self._avail
+        self._kicks_wanted = True
         if used is None or avail is None or self.broken is not None:
             return False
         if self.event_idx:

@@ -1,0 +1,1 @@
+"""Host-side backends the devices move packets to and from."""

@@ -1,0 +1,346 @@
+"""The datapath of one virtio-net queue pair and its host-side queue (a TAP fd).
+
+TX (guest to host): every available chain goes to the host with one writev
+straight from the guest's buffers (the virtio-net header included when the
+TAP has IFF_VNET_HDR, sliced off otherwise): no copy in Python.
+
+RX (host to guest): one readv straight into the guest's first RX chain,
+with a bounce buffer behind it that only catches what does not fit. With
+MRG_RXBUF the overflow of a large (GSO) frame is copied into further chains
+and num_buffers says how many; frames that fit, the common case, are never
+copied. When the guest has posted no RX buffers, the TAP is not read at
+all until the guest kicks the RX queue: frames wait in the TAP's queue,
+none is dropped here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Protocol
+
+from pyvhost.device import QueueNotifier
+from pyvhost.devices.net import spec
+from pyvhost.devices.net.metrics import QueueCounters
+from pyvhost.eventloop import EventLoop
+from pyvhost.virtq import SplitQueue
+
+log = logging.getLogger(__name__)
+
+# Largest frame the host side can hand us: 64 KiB of GSO payload plus
+# headers, plus the virtio-net header.
+MAX_FRAME = 65536 + 256
+# Frames handled per readiness event before the loop serves others.
+BUDGET = 64
+
+
+class HostQueue(Protocol):
+    """One host-side queue of frames, as the TAP backend offers it."""
+
+    has_vnet_hdr: bool
+
+    def fileno(self) -> int: ...
+
+    def read_iovec(self, buffers: list) -> int: ...
+
+    def write_iovec(self, buffers: list) -> int: ...
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views with their first n bytes cut off (zero-copy)."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write data at a byte offset of a scatter list (data may span views)."""
+    pos = 0
+    for v in views:
+        if offset >= len(v):
+            offset -= len(v)
+            continue
+        n = min(len(v) - offset, len(data) - pos)
+        v[offset : offset + n] = data[pos : pos + n]
+        pos += n
+        offset = 0
+        if pos == len(data):
+            return
+
+
+def _scatter(views: list[memoryview], data: memoryview) -> int:
+    pos = 0
+    for v in views:
+        n = min(len(v), len(data) - pos)
+        v[:n] = data[pos : pos + n]
+        pos += n
+        if pos == len(data):
+            break
+    return pos
+
+
+class QueuePair:
+    """RX queue 2N, TX queue 2N+1, and host queue N."""
+
+    def __init__(self, pair: int, host: HostQueue, loop: EventLoop) -> None:
+        self.pair = pair
+        self.host = host
+        self.loop = loop
+        self.rx_counters = QueueCounters()
+        self.tx_counters = QueueCounters()
+        self.rxq: SplitQueue | None = None
+        self.rx_notifier: QueueNotifier | None = None
+        self.txq: SplitQueue | None = None
+        self.tx_notifier: QueueNotifier | None = None
+        self.rx_enabled = False
+        self.tx_enabled = False
+        self.hdr_size = spec.HDR_SIZE
+        self.mrg_rxbuf = False
+        self.rx_starved = False  # no RX buffers: the TAP is not being read
+        self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
+        self._bounce = bytearray(MAX_FRAME)
+        self._bounce_view = memoryview(self._bounce)
+        self._pending: bytes | None = None  # a frame read but not yet placed (MRG only)
+        self._zero_hdr = bytes(spec.HDR_SIZE)
+
+    # --- configuration, from the device ---------------------------------------------
+
+    def configure(self, features: int) -> None:
+        self.hdr_size = spec.header_size(features)
+        self.mrg_rxbuf = bool(features & (1 << spec.F_MRG_RXBUF))
+        self._zero_hdr = bytes(self.hdr_size)
+
+    def attach_rx(self, queue: SplitQueue, notifier: QueueNotifier) -> None:
+        self.rxq, self.rx_notifier = queue, notifier
+        queue.disable_notification()  # kicks only matter when starved
+        self._update_reading()
+
+    def attach_tx(self, queue: SplitQueue, notifier: QueueNotifier) -> None:
+        self.txq, self.tx_notifier = queue, notifier
+
+    def detach(self, rx: bool) -> None:
+        if rx:
+            self.rxq = self.rx_notifier = None
+            self.rx_enabled = False
+            self.rx_starved = False
+            self._pending = None
+            self._update_reading()
+        else:
+            self.txq = self.tx_notifier = None
+            self.tx_enabled = False
+            if self._tx_blocked:
+                self._tx_blocked = False
+                self.loop.remove_writer(self.host.fileno())
+
+    def set_enabled(self, rx: bool, enabled: bool) -> None:
+        if rx:
+            self.rx_enabled = enabled
+            self._update_reading()
+        else:
+            self.tx_enabled = enabled
+
+    def _update_reading(self) -> None:
+        fd = self.host.fileno()
+        if self.rxq is not None and self.rx_enabled and not self.rx_starved:
+            self.loop.add_reader(fd, self.process_tap_rx_event)
+        else:
+            self.loop.remove_reader(fd)
+
+    # --- TX ---------------------------------------------------------------------------------
+
+    def process_tx_queue_event(self) -> None:
+        """The guest kicked TX (or the TAP became writable again)."""
+        q = self.txq
+        if q is None or self._tx_blocked:
+            return
+        c = self.tx_counters
+        write = self.host.write_iovec
+        strip = 0 if self.host.has_vnet_hdr else self.hdr_size
+        hdr = self.hdr_size
+        done: list[tuple[int, int]] = []
+        q.disable_notification()
+        while True:
+            chain = q.pop()
+            if chain is None:
+                if q.enable_notification():
+                    q.disable_notification()
+                    continue
+                break
+            if not self.tx_enabled:
+                c.drops += 1  # a disabled ring is processed without side effects
+            elif chain.readable_len <= hdr:
+                c.errors += 1  # no frame behind the header
+            else:
+                bufs = chain.readable if not strip else _skip(chain.readable, strip)
+                try:
+                    write(bufs)
+                    c.packets += 1
+                    c.bytes += chain.readable_len - hdr
+                except BlockingIOError:
+                    # The TAP's send buffer is full: keep the chain, wait for room.
+                    q.unpop()
+                    self._tx_blocked = True
+                    self.loop.add_writer(self.host.fileno(), self._on_tap_writable)
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EIO, errno.ENETDOWN):
+                        c.drops += 1  # the TAP is down
+                    else:
+                        c.errors += 1  # e.g. EINVAL: a malformed GSO header
+                        log.debug("tx%d: TAP refused a frame: %s", self.pair, e.strerror)
+            done.append((chain.head, 0))
+            if len(done) >= BUDGET:
+                q.push_used_batch(done)
+                done = []
+        q.push_used_batch(done)
+        self._notify(self.tx_notifier, c)
+
+    def _on_tap_writable(self) -> None:
+        self.loop.remove_writer(self.host.fileno())
+        self._tx_blocked = False
+        self.process_tx_queue_event()
+
+    # --- RX ------------------------------------------------------------------------------
+
+    def process_rx_queue_event(self) -> None:
+        """The guest posted RX buffers (kick): resume reading the TAP if starved."""
+        if self.rxq is None:
+            return
+        if self.rx_starved:
+            self.rx_starved = False
+            self.rxq.disable_notification()  # fed again: kicks are not needed
+            self._update_reading()
+        self.process_tap_rx_event()
+
+    def process_tap_rx_event(self) -> None:
+        """Frames are waiting on the TAP: move up to BUDGET of them into the guest."""
+        q = self.rxq
+        if q is None or not self.rx_enabled:
+            return
+        c = self.rx_counters
+        done: list[tuple[int, int]] = []
+        if self._pending is not None and not self._place_pending(q, done):
+            self._flush_rx(q, done)
+            return
+        read = self.host.read_iovec
+        vnet = self.host.has_vnet_hdr
+        hdr = self.hdr_size
+        bounce = self._bounce_view
+        for _ in range(BUDGET):
+            chain = q.pop()
+            if chain is None:
+                self._starve(q)
+                break
+            room = chain.writable_len
+            if room < hdr:
+                c.errors += 1  # a buffer that cannot even hold the header
+                done.append((chain.head, 0))
+                continue
+            bufs = (chain.writable if vnet else _skip(chain.writable, hdr)) + [bounce]
+            try:
+                n = read(bufs)
+            except BlockingIOError:
+                q.unpop()  # nothing queued on the TAP: hand the buffer back
+                break
+            except OSError as e:
+                q.unpop()
+                c.errors += 1
+                log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
+                break
+            total = n if vnet else n + hdr
+            if not vnet:
+                _write_at(chain.writable, 0, self._zero_hdr)
+            if total <= room:
+                if self.mrg_rxbuf:
+                    _write_at(chain.writable, 10, b"\x01\x00")  # num_buffers = 1
+                done.append((chain.head, total))
+                c.packets += 1
+                c.bytes += total - hdr
+                continue
+            # The frame ran on into the bounce buffer.
+            overflow = bounce[: total - room]
+            if not self.mrg_rxbuf:
+                c.drops += 1  # the guest's buffers are too small for this frame
+                done.append((chain.head, 0))
+                continue
+            if not self._place_merged(q, chain, room, overflow, done):
+                # Not enough buffers for the rest: keep the whole frame for later.
+                frame = bytearray(total)
+                pos = 0
+                for v in chain.writable:
+                    k = min(len(v), room - pos)
+                    frame[pos : pos + k] = v[:k]
+                    pos += k
+                frame[room:] = overflow
+                self._pending = bytes(frame)
+                q.unpop()
+                self._starve(q)
+                break
+        self._flush_rx(q, done)
+
+    def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
+        """Copy `overflow` into further chains; on success queue all completions."""
+        extra = []
+        pos = 0
+        while pos < len(overflow):
+            chain = q.pop()
+            if chain is None:
+                for _ in extra:
+                    q.unpop()
+                return False
+            n = _scatter(chain.writable, overflow[pos:])
+            extra.append((chain.head, n))
+            pos += n
+        _write_at(first.writable, 10, (1 + len(extra)).to_bytes(2, "little"))
+        done.append((first.head, room))
+        done.extend(extra)
+        self.rx_counters.packets += 1
+        self.rx_counters.bytes += room + len(overflow) - self.hdr_size
+        return True
+
+    def _place_pending(self, q: SplitQueue, done) -> bool:
+        """Deliver the frame kept while the guest had too few buffers."""
+        frame = memoryview(self._pending)
+        first = q.pop()
+        if first is None:
+            self._starve(q)
+            return False
+        room = min(first.writable_len, len(frame))
+        _scatter(first.writable, frame[:room])
+        if room == len(frame):
+            _write_at(first.writable, 10, b"\x01\x00")
+            done.append((first.head, room))
+            self.rx_counters.packets += 1
+            self.rx_counters.bytes += room - self.hdr_size
+        elif not self._place_merged(q, first, room, frame[room:], done):
+            q.unpop()
+            self._starve(q)
+            return False
+        self._pending = None
+        return True
+
+    def _starve(self, q: SplitQueue) -> None:
+        """No RX buffers: ask for a kick, and stop reading the TAP until it comes."""
+        if q.enable_notification():
+            return  # buffers arrived meanwhile: the level-triggered TAP fd brings us back
+        self.rx_starved = True
+        self._update_reading()
+
+    def _flush_rx(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
+        if done:
+            q.push_used_batch(done)
+            self._notify(self.rx_notifier, self.rx_counters)
+
+    @staticmethod
+    def _notify(notifier: QueueNotifier | None, c: QueueCounters) -> None:
+        if notifier is None:
+            return
+        if notifier.notify():
+            c.notifications_sent += 1
+        else:
+            c.notifications_suppressed += 1

@@ -1,0 +1,364 @@
+"""The virtio-net device: features, config space, queues, control commands.
+
+Queue layout (virtio 1.x 5.1.2): RX of pair N is queue 2N, TX is 2N+1, and
+the control queue comes after all pairs. Each pair is bound to its own
+host-side queue (a TAP fd); the datapath lives in datapath.QueuePair.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Protocol
+
+from pyvhost.device import QueueNotifier, VirtioDevice
+from pyvhost.devices.net import ctrl, spec
+from pyvhost.devices.net.datapath import HostQueue, QueuePair
+from pyvhost.devices.net.metrics import QueueCounters, queue_name
+from pyvhost.errors import InvalidRequestError, PyvhostError
+from pyvhost.eventloop import EventLoop
+from pyvhost.virtq import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    SplitQueue,
+)
+
+log = logging.getLogger(__name__)
+
+# Offload flags for TUNSETOFFLOAD (linux/if_tun.h), mirrored here so the
+# device speaks to any host queue with the same vocabulary.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+ALL_TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+
+OFFLOAD_FEATURES = (
+    spec.F_CSUM,
+    spec.F_GUEST_CSUM,
+    spec.F_HOST_TSO4,
+    spec.F_HOST_TSO6,
+    spec.F_HOST_ECN,
+    spec.F_GUEST_TSO4,
+    spec.F_GUEST_TSO6,
+    spec.F_GUEST_ECN,
+    spec.F_CTRL_GUEST_OFFLOADS,
+)
+GUEST_OFFLOADS = {  # guest feature -> what the TAP may then hand us
+    spec.F_GUEST_CSUM: TUN_F_CSUM,
+    spec.F_GUEST_TSO4: TUN_F_TSO4,
+    spec.F_GUEST_TSO6: TUN_F_TSO6,
+    spec.F_GUEST_ECN: TUN_F_TSO_ECN,
+}
+GUEST_OFFLOAD_MASK = sum(1 << b for b in GUEST_OFFLOADS)
+DEFAULT_MAC = bytes.fromhex("525400123456")
+
+
+class HostInterface(HostQueue, Protocol):
+    """What the device needs of a host-side queue beyond frames (the TAP offers it)."""
+
+    name: str
+
+    def set_vnet_hdr_size(self, size: int) -> None: ...
+
+    def set_offload(self, flags: int) -> None: ...
+
+    def offload_supported(self, flags: int) -> bool: ...
+
+    def set_queue_attached(self, attached: bool) -> None: ...
+
+    def link_up(self) -> bool: ...
+
+    def set_mtu(self, mtu: int) -> None: ...
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+class VirtioNet(VirtioDevice):
+    name = "virtio-net"
+
+    def __init__(
+        self,
+        hosts: list[HostInterface],
+        *,
+        mac: bytes = DEFAULT_MAC,
+        mtu: int | None = None,
+    ) -> None:
+        if not hosts:
+            raise ValueError("a virtio-net device needs at least one host queue")
+        self.hosts = hosts
+        self.mac = self.configured_mac = mac
+        self.mtu = mtu
+        self.vnet_hdr = all(h.has_vnet_hdr for h in hosts)
+        self.offloads = self.vnet_hdr and hosts[0].offload_supported(ALL_TUN_OFFLOADS)
+        for h in hosts:
+            if h.has_vnet_hdr:
+                h.set_vnet_hdr_size(spec.HDR_SIZE)
+        self.acked_features = 0
+        self.rx_mode = ctrl.RxMode()
+        # Queue pairs the driver chose through our control queue; None when it
+        # does not use ours (QEMU keeps the control queue and tells us with
+        # SET_VRING_ENABLE instead).
+        self.ctrl_pairs: int | None = None
+        self.ctrl_counters = QueueCounters()
+        self.pairs: list[QueuePair] = []
+        self._ctrlq: SplitQueue | None = None
+        self._ctrl_notifier: QueueNotifier | None = None
+
+    @property
+    def queue_pairs(self) -> int:
+        return len(self.hosts)
+
+    @property
+    def ctrl_index(self) -> int:
+        """Virtio 5.1.2: after all pairs with MQ; index 2 without it."""
+        if self.acked_features & _bit(spec.F_MQ):
+            return 2 * self.queue_pairs
+        return 2
+
+    def _is_ctrl(self, index: int) -> bool:
+        return bool(self.acked_features & _bit(spec.F_CTRL_VQ)) and index == self.ctrl_index
+
+    def attach(self, loop: EventLoop) -> None:
+        super().attach(loop)
+        self.pairs = [QueuePair(i, h, loop) for i, h in enumerate(self.hosts)]
+        self._update_tap_queues()
+
+    # --- what the device offers ----------------------------------------------------
+
+    def features(self) -> int:
+        bits = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            spec.F_MAC,
+            spec.F_STATUS,
+            spec.F_MRG_RXBUF,
+            spec.F_CTRL_VQ,
+            spec.F_CTRL_RX,
+            spec.F_CTRL_MAC_ADDR,
+        ]
+        if self.queue_pairs > 1:
+            bits.append(spec.F_MQ)
+        if self.mtu is not None:
+            bits.append(spec.F_MTU)
+        if self.offloads:
+            bits += OFFLOAD_FEATURES
+        return sum(_bit(b) for b in bits)
+
+    def num_queues(self) -> int:
+        return 2 * self.queue_pairs + 1
+
+    def max_queue_num(self) -> int:
+        return self.queue_pairs
+
+    def link_up(self) -> bool:
+        try:
+            return self.hosts[0].link_up()
+        except OSError as e:
+            log.warning("link state of %s unknown (%s); reporting up", self.hosts[0].name, e)
+            return True
+
+    def config(self) -> bytes:
+        status = spec.S_LINK_UP if self.link_up() else 0
+        return spec.CONFIG.pack(self.mac, status, self.queue_pairs, self.mtu or 1500)
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU: the VMM's host_mtu. The TAP is set to match when we may."""
+        if not 68 <= mtu <= 65535:
+            raise InvalidRequestError(f"MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
+        try:
+            self.hosts[0].set_mtu(mtu)
+        except PyvhostError as e:
+            log.warning(
+                "guest MTU is %d but %s; set it on the host: ip link set dev %s mtu %d",
+                mtu,
+                e,
+                self.hosts[0].name,
+                mtu,
+            )
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Announce `mac` on the host side with a RARP broadcast (after migration)."""
+        frame = (
+            b"\xff" * 6
+            + mac
+            + struct.pack("!HHHBBH", 0x8035, 1, 0x0800, 6, 4, 3)
+            + mac
+            + bytes(4)
+            + mac
+            + bytes(4)
+        ).ljust(60, b"\0")
+        host = self.hosts[0]
+        hdr = bytes(spec.header_size(self.acked_features)) if host.has_vnet_hdr else b""
+        host.write_iovec([hdr + frame])
+
+    # --- what happens to it ---------------------------------------------------------
+
+    def set_features(self, features: int) -> None:
+        self.acked_features = features
+        hdr = spec.header_size(features)
+        for h in self.hosts:
+            if h.has_vnet_hdr:
+                h.set_vnet_hdr_size(hdr)
+        self._apply_guest_offloads(features & GUEST_OFFLOAD_MASK)
+        for p in self.pairs:
+            p.configure(features)
+
+    def _apply_guest_offloads(self, features: int) -> None:
+        flags = 0
+        for bit, flag in GUEST_OFFLOADS.items():
+            if features & _bit(bit):
+                flags |= flag
+        if flags & ~TUN_F_CSUM and not flags & TUN_F_CSUM:
+            flags = 0  # segmentation offloads need checksum offload (the kernel insists)
+        if self.vnet_hdr:
+            for h in self.hosts:
+                h.set_offload(flags)
+
+    def _update_tap_queues(self) -> None:
+        """A TAP queue takes frames only while its pair's RX ring is in use.
+
+        Detached queues make the kernel steer flows to the others, so no frame
+        waits on a queue the guest does not read.
+        """
+        for i, (h, p) in enumerate(zip(self.hosts, self.pairs, strict=True)):
+            in_use = p.rx_enabled and (self.ctrl_pairs is None or i < self.ctrl_pairs)
+            h.set_queue_attached(in_use or self.queue_pairs == 1)
+
+    def queue_started(self, index: int, queue: SplitQueue, notifier: QueueNotifier) -> None:
+        if self._is_ctrl(index):
+            self._ctrlq, self._ctrl_notifier = queue, notifier
+            if self.acked_features & _bit(spec.F_MQ):
+                self.ctrl_pairs = 1  # until VQ_PAIRS_SET, only the first pair (5.1.6.5.5)
+                self._update_tap_queues()
+            return
+        pair = self.pairs[index // 2]
+        if index % 2 == 0:
+            pair.attach_rx(queue, notifier)
+        else:
+            pair.attach_tx(queue, notifier)
+
+    def queue_stopped(self, index: int) -> None:
+        if self._is_ctrl(index):
+            self._ctrlq = self._ctrl_notifier = None
+        elif index < 2 * self.queue_pairs:
+            self.pairs[index // 2].detach(rx=index % 2 == 0)
+
+    def queue_enabled(self, index: int, enabled: bool) -> None:
+        if not self._is_ctrl(index) and index < 2 * self.queue_pairs:
+            self.pairs[index // 2].set_enabled(index % 2 == 0, enabled)
+            if index % 2 == 0:
+                self._update_tap_queues()
+
+    def queue_kicked(self, index: int) -> None:
+        if self._is_ctrl(index):
+            self._process_ctrl_queue_event()
+        elif index % 2 == 0:
+            self.pairs[index // 2].process_rx_queue_event()
+        else:
+            self.pairs[index // 2].process_tx_queue_event()
+
+    def reset(self) -> None:
+        for i in range(self.num_queues()):
+            self.queue_stopped(i)
+        self.acked_features = 0
+        self.mac = self.configured_mac
+        self.rx_mode = ctrl.RxMode()
+        self.ctrl_pairs = None
+        if self.vnet_hdr:
+            for h in self.hosts:
+                h.set_offload(0)
+        if self.pairs:
+            self._update_tap_queues()
+
+    def detach(self) -> None:
+        self.reset()
+
+    # --- counters ---------------------------------------------------------------------
+
+    def counters(self) -> dict[str, QueueCounters]:
+        out: dict[str, QueueCounters] = {}
+        for p in self.pairs:
+            out[queue_name(2 * p.pair, self.ctrl_index)] = p.rx_counters
+            out[queue_name(2 * p.pair + 1, self.ctrl_index)] = p.tx_counters
+        out["ctrl"] = self.ctrl_counters
+        return out
+
+    # --- the control queue -------------------------------------------------------------
+
+    def _process_ctrl_queue_event(self) -> None:
+        q = self._ctrlq
+        if q is None:
+            return
+        c = self.ctrl_counters
+        while (chain := q.pop()) is not None:
+            try:
+                cls, cmd, data = ctrl.parse_chain(chain)
+            except ctrl.CommandError as e:
+                c.errors += 1
+                log.warning("malformed control command: %s", e)
+                q.push_used(chain.head, 0)
+                continue
+            try:
+                self._command(cls, cmd, data)
+                status = ctrl.OK
+                c.packets += 1
+            except ctrl.CommandError as e:
+                ctrl.log_refusal(cls, cmd, str(e))
+                status = ctrl.ERR
+                c.errors += 1
+            q.push_used(chain.head, ctrl.ack(chain, status))
+        if self._ctrl_notifier is not None:
+            if self._ctrl_notifier.notify():
+                c.notifications_sent += 1
+            else:
+                c.notifications_suppressed += 1
+
+    def _need(self, bit: int, what: str) -> None:
+        if not self.acked_features & _bit(bit):
+            raise ctrl.CommandError(f"{what} needs a feature the driver did not negotiate")
+
+    def _command(self, cls: int, cmd: int, data: bytes) -> None:
+        if cls == spec.CTRL_RX and cmd in (spec.CTRL_RX_PROMISC, spec.CTRL_RX_ALLMULTI):
+            self._need(spec.F_CTRL_RX, "RX mode")
+            if len(data) != 1:
+                raise ctrl.CommandError(f"RX mode takes 1 byte, got {len(data)}")
+            if cmd == spec.CTRL_RX_PROMISC:
+                self.rx_mode.promisc = bool(data[0])
+            else:
+                self.rx_mode.allmulti = bool(data[0])
+        elif cls == spec.CTRL_MAC and cmd == spec.CTRL_MAC_ADDR_SET:
+            self._need(spec.F_CTRL_MAC_ADDR, "MAC address set")
+            if len(data) != 6:
+                raise ctrl.CommandError(f"a MAC address is 6 bytes, got {len(data)}")
+            self.mac = bytes(data)
+        elif cls == spec.CTRL_MAC and cmd == spec.CTRL_MAC_TABLE_SET:
+            self._need(spec.F_CTRL_RX, "MAC table set")
+            self.rx_mode.mac_table = ctrl.parse_mac_table(data)
+        elif cls == spec.CTRL_MQ and cmd == spec.CTRL_MQ_VQ_PAIRS_SET:
+            self._need(spec.F_MQ, "queue pairs set")
+            if len(data) != 2:
+                raise ctrl.CommandError(f"queue pair count is 2 bytes, got {len(data)}")
+            n = int.from_bytes(data, "little")
+            if not 1 <= n <= self.queue_pairs:
+                raise ctrl.CommandError(f"{n} queue pairs asked; the device has {self.queue_pairs}")
+            self.ctrl_pairs = n
+            self._update_tap_queues()
+        elif cls == spec.CTRL_GUEST_OFFLOADS and cmd == spec.CTRL_GUEST_OFFLOADS_SET:
+            self._need(spec.F_CTRL_GUEST_OFFLOADS, "guest offloads set")
+            if len(data) != 8:
+                raise ctrl.CommandError(f"offloads are a u64, got {len(data)} bytes")
+            offloads = int.from_bytes(data, "little")
+            allowed = self.acked_features & GUEST_OFFLOAD_MASK
+            if offloads & ~allowed:
+                raise ctrl.CommandError(
+                    f"offloads 0x{offloads:x} include ones never negotiated (0x{allowed:x})"
+                )
+            self._apply_guest_offloads(offloads)
+        else:
+            raise ctrl.CommandError("unknown command")

@@ -1,0 +1,24 @@
+"""Per-queue counters of the virtio-net device: plain numbers, read by anyone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class QueueCounters:
+    packets: int = 0
+    bytes: int = 0
+    drops: int = 0  # frames not delivered for a reason the peer caused (ring disabled, ...)
+    errors: int = 0  # malformed chains, I/O errors
+    notifications_sent: int = 0
+    notifications_suppressed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def queue_name(index: int, ctrl_index: int) -> str:
+    if index == ctrl_index:
+        return "ctrl"
+    return f"{'rx' if index % 2 == 0 else 'tx'}{index // 2}"

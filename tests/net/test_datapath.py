@@ -1,0 +1,292 @@
+"""virtio-net over a real TAP: the Python front-end plays the guest, a packet
+socket in a network namespace plays the host."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import time
+
+from pyvhost.devices.net import spec
+from pyvhost.frontend.net import NetFrontend
+from pyvhost.stats import fetch
+from pyvhost.testing.processes import wait_for
+
+from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
+
+GSO_PAYLOAD = 64000
+
+
+def host_frames(n: int, size: int = 100) -> list[bytes]:
+    return [frame(GUEST_MAC, HOST_MAC, i.to_bytes(4, "big") + bytes(size)) for i in range(n)]
+
+
+def guest_frames(n: int, size: int = 100) -> list[bytes]:
+    return [frame(HOST_MAC, GUEST_MAC, i.to_bytes(4, "big") + bytes(size)) for i in range(n)]
+
+
+def receive_ours(fe: NetFrontend, n: int, pair: int = 0, timeout: float = 5.0, **kw):
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        for f in fe.receive(pair, timeout=0.2, count=n, **kw):
+            if ours(f[fe.hdr_size :] if kw.get("with_header") else f):
+                got.append(f)
+    return got
+
+
+def tcp4_frame(payload_len: int, src: bytes, dst: bytes) -> bytes:
+    """Ethernet + IPv4 + TCP with `payload_len` bytes of patterned payload."""
+    payload = bytes(i % 251 for i in range(payload_len))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
+    total = 20 + len(tcp) + payload_len
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        1,
+        0x4000,
+        64,
+        6,
+        0,
+        bytes([10, 0, 0, 2]),
+        bytes([10, 0, 0, 1]),
+    )
+    csum = 0
+    for i in range(0, 20, 2):
+        csum += int.from_bytes(ip[i : i + 2], "big")
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    ip = ip[:10] + struct.pack("!H", ~csum & 0xFFFF) + ip[12:]
+    return dst + src + b"\x08\x00" + ip + tcp + payload
+
+
+def gso_header(hdr_size: int, num_buffers: int = 0) -> bytes:
+    """NEEDS_CSUM over TCP, TSO4 segments of 1448 bytes."""
+    return spec.HDR.pack(spec.HDR_F_NEEDS_CSUM, spec.GSO_TCPV4, 54, 1448, 34, 16, num_buffers)[
+        :hdr_size
+    ]
+
+
+# --- TX and RX -----------------------------------------------------------------------------
+
+
+def test_frames_from_the_guest_reach_the_tap_byte_for_byte(net_daemon, netns):
+    d = net_daemon()
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        sent = guest_frames(20)
+        for f in sent:
+            fe.send(f)
+        assert recv_ours(host, 20) == sent
+    host.close()
+
+
+def test_frames_from_the_host_reach_the_guest_byte_for_byte(net_daemon, netns):
+    d = net_daemon()
+    host = netns.packet_socket(d.ifname)
+    with NetFrontend.connect(d.sock) as fe:
+        fe.post_rx()
+        sent = host_frames(20)
+        for f in sent:
+            host.send(f)
+        assert receive_ours(fe, 20) == sent
+    host.close()
+
+
+def test_a_64k_tso_frame_from_the_guest_reaches_the_host_whole(net_daemon, netns):
+    d = net_daemon()
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        assert fe.features & (1 << spec.F_HOST_TSO4) and fe.features & (1 << spec.F_CSUM)
+        big = tcp4_frame(GSO_PAYLOAD, GUEST_MAC, HOST_MAC)
+        fe.send(big, header=gso_header(fe.hdr_size))
+        while True:  # the packet socket sees the GSO packet before segmentation
+            got = host.recv(70000)
+            if got[12:14] == b"\x08\x00":
+                break
+    assert got == big
+    host.close()
+
+
+def test_a_64k_gso_frame_from_the_host_arrives_merged_over_many_buffers(net_daemon, netns):
+    d = net_daemon()
+    injector = netns.packet_socket(d.ifname, vnet_hdr=True)
+    with NetFrontend.connect(d.sock, rx_buf_size=2048) as fe:
+        assert fe.features & (1 << spec.F_GUEST_TSO4) and fe.features & (1 << spec.F_MRG_RXBUF)
+        fe.post_rx()
+        big = tcp4_frame(GSO_PAYLOAD, HOST_MAC, GUEST_MAC)
+        injector.send(gso_header(10) + big)  # a 10-byte virtio_net_hdr for PACKET_VNET_HDR
+        deadline = time.monotonic() + 5
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = [f for f in fe.receive(timeout=0.5, with_header=True) if len(f) > 60000]
+    [data] = got
+    flags, gso_type, _, gso_size, _, _, num_buffers = spec.HDR.unpack_from(data)
+    assert gso_type == spec.GSO_TCPV4 and gso_size == 1448  # not segmented: offload on
+    assert num_buffers == -(-len(data) // 2048) > 1  # merged over that many 2 KiB buffers
+    assert data[fe.hdr_size :] == big
+    injector.close()
+
+
+def test_without_vnet_hdr_no_offload_is_offered_and_headers_are_added_and_removed(
+    net_daemon, netns
+):
+    d = net_daemon("tap,ifname=IFNAME,vnet_hdr=off")
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        assert not fe.features & (1 << spec.F_CSUM | 1 << spec.F_GUEST_TSO4)
+        fe.post_rx()
+        [out] = guest_frames(1)
+        fe.send(out)
+        assert recv_ours(host) == [out]
+        [back] = host_frames(1)
+        host.send(back)
+        [got] = receive_ours(fe, 1, with_header=True)
+        assert got[: fe.hdr_size] == b"\0" * 10 + b"\x01\x00"  # a clean header, 1 buffer
+        assert got[fe.hdr_size :] == back
+    host.close()
+
+
+def test_with_no_rx_buffers_frames_wait_in_the_tap_and_none_is_dropped(net_daemon, netns):
+    d = net_daemon()
+    host = netns.packet_socket(d.ifname)
+    with NetFrontend.connect(d.sock) as fe:
+        sent = host_frames(50)
+        for f in sent:
+            host.send(f)
+        time.sleep(0.3)  # pyvhost has had every chance to read (and drop) them
+        assert fetch(d.sock + ".stats")["queues"]["rx0"]["drops"] == 0
+        fe.post_rx()
+        assert receive_ours(fe, 50) == sent
+    host.close()
+
+
+def test_every_queue_pair_carries_traffic(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,queues=4")
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock, queue_pairs=4) as fe:
+        fe.set_queue_pairs(4)
+        for pair in range(4):
+            fe.post_rx(pair)
+            fe.send(frame(HOST_MAC, GUEST_MAC, bytes([pair]) * 60), pair=pair)
+        assert sorted(f[14] for f in recv_ours(host, 4)) == [0, 1, 2, 3]
+        # Many flows from the host: the TAP spreads them over its queues by hash.
+        for port in range(256):
+            udp = struct.pack("!HHHH", 1000 + port, 2000, 8, 0)
+            ip = struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                0,
+                28,
+                0,
+                0,
+                64,
+                17,
+                0,
+                bytes([10, 0, 1, port]),
+                bytes([10, 0, 0, 9]),
+            )
+            host.send(GUEST_MAC + HOST_MAC + b"\x08\x00" + ip + udp)
+        time.sleep(0.5)
+        got = {pair: fe.receive(pair, timeout=0.5, count=256) for pair in range(4)}
+    stats = fetch(d.sock + ".stats")["queues"]
+    assert all(stats[f"tx{p}"]["packets"] >= 1 for p in range(4))
+    assert all(len(got[p]) >= 1 for p in range(4)), {p: len(v) for p, v in got.items()}
+    assert sum(len(v) for v in got.values()) >= 256
+    host.close()
+
+
+# --- control queue, config, protocol-level requests -----------------------------------------
+
+
+def test_control_commands(net_daemon):
+    d = net_daemon()
+    with NetFrontend.connect(d.sock) as fe:
+        assert fe.features & (1 << spec.F_CTRL_VQ)
+        assert fe.command(spec.CTRL_RX, spec.CTRL_RX_PROMISC, b"\x01") == spec.CTRL_OK
+        assert fe.command(spec.CTRL_RX, spec.CTRL_RX_ALLMULTI, b"\x00") == spec.CTRL_OK
+        new_mac = bytes.fromhex("5254000000aa")
+        assert fe.command(spec.CTRL_MAC, spec.CTRL_MAC_ADDR_SET, new_mac) == spec.CTRL_OK
+        assert fe.client.get_config(0, 6) == new_mac
+        table = struct.pack("<I", 1) + new_mac + struct.pack("<I", 0)
+        assert fe.command(spec.CTRL_MAC, spec.CTRL_MAC_TABLE_SET, table) == spec.CTRL_OK
+        assert fe.command(spec.CTRL_MAC, spec.CTRL_MAC_TABLE_SET, table[:7]) == spec.CTRL_ERR
+        tso4 = (1 << spec.F_GUEST_CSUM | 1 << spec.F_GUEST_TSO4).to_bytes(8, "little")
+        assert (
+            fe.command(spec.CTRL_GUEST_OFFLOADS, spec.CTRL_GUEST_OFFLOADS_SET, tso4) == spec.CTRL_OK
+        )
+        ufo = (1 << spec.F_GUEST_UFO).to_bytes(8, "little")  # never offered
+        assert (
+            fe.command(spec.CTRL_GUEST_OFFLOADS, spec.CTRL_GUEST_OFFLOADS_SET, ufo) == spec.CTRL_ERR
+        )
+        assert fe.command(99, 0) == spec.CTRL_ERR
+        # MQ was not negotiated (one pair): the command is refused.
+        assert fe.command(spec.CTRL_MQ, spec.CTRL_MQ_VQ_PAIRS_SET, b"\x01\x00") == spec.CTRL_ERR
+    stats = fetch(d.sock + ".stats")["queues"]["ctrl"]
+    assert stats["packets"] == 5 and stats["errors"] == 4
+
+
+def test_link_status_follows_the_tap(net_daemon, netns):
+    d = net_daemon()
+    with NetFrontend.connect(d.sock) as fe:
+        status = lambda: struct.unpack("<H", fe.client.get_config(6, 2))[0]  # noqa: E731
+        assert status() & spec.S_LINK_UP
+        netns.ip("link", "set", "dev", d.ifname, "down")
+        assert not status() & spec.S_LINK_UP
+        netns.ip("link", "set", "dev", d.ifname, "up")
+        assert status() & spec.S_LINK_UP
+
+
+def test_config_reports_mac_pairs_and_mtu(net_daemon):
+    d = net_daemon("tap,ifname=IFNAME,queues=2", "--mac", "52:54:00:ab:cd:ef", "--mtu", "1400")
+    with NetFrontend.connect(d.sock) as fe:
+        assert fe.features & (1 << spec.F_MTU)
+        mac, _, pairs, mtu = spec.CONFIG.unpack(fe.client.get_config(0, spec.CONFIG.size))
+        assert (mac, pairs, mtu) == (bytes.fromhex("525400abcdef"), 2, 1400)
+
+
+def test_net_set_mtu_sets_the_tap_mtu(net_daemon, netns):
+    d = net_daemon()
+    with NetFrontend.connect(d.sock) as fe:
+        fe.client.net_set_mtu(9000)
+        assert "mtu 9000" in netns.ip("link", "show", "dev", d.ifname).stdout
+        assert struct.unpack("<H", fe.client.get_config(10, 2))[0] == 9000
+
+
+def test_send_rarp_announces_the_mac_on_the_host_side(net_daemon, netns):
+    d = net_daemon()
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        fe.client.send_rarp(GUEST_MAC)
+        while (got := host.recv(2000))[12:14] != b"\x80\x35":
+            pass
+    assert got[:6] == b"\xff" * 6 and got[6:12] == GUEST_MAC and got[22:28] == GUEST_MAC
+    host.close()
+
+
+def test_a_tx_chain_with_only_a_header_is_counted_as_an_error(net_daemon):
+    d = net_daemon()
+    with NetFrontend.connect(d.sock) as fe:
+        fe.send(b"", header=bytes(fe.hdr_size))
+        wait_for(lambda: fe.tx_done() == 1, 5, "the chain to come back")
+    assert fetch(d.sock + ".stats")["queues"]["tx0"]["errors"] == 1
+
+
+def test_counters_are_printed_on_sigusr1_and_at_exit(net_daemon):
+    d = net_daemon()
+    with NetFrontend.connect(d.sock) as fe:
+        for f in guest_frames(3):
+            fe.send(f)
+        wait_for(lambda: fe.tx_done() == 3, 5, "TX completions")
+    d.proc.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: fetch(d.sock + ".stats")["sessions"] == 1, 5, "stats")
+    time.sleep(0.3)
+    out, _ = d.stop()
+    tables = [line for line in out.splitlines() if line.startswith("tx0")]
+    assert len(tables) == 2  # one for SIGUSR1, one at exit
+    assert tables[-1].split()[1] == "3"
