@@ -16,6 +16,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import sys
 
 from pyvhost.errors import OptionError, PyvhostError
@@ -167,6 +168,35 @@ def resolve_ids(user: str | None, group: str | None) -> tuple[int | None, int | 
     return uid, gid
 
 
+def check_removable(path: str, uid: int | None, gid: int | None, option: str) -> None:
+    """After dropping to uid/gid, can we still remove `path` at exit? Say so now if not."""
+    if uid is None and gid is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    st = os.stat(directory)
+    writable = (
+        (uid is not None and st.st_uid == uid and st.st_mode & stat.S_IWUSR)
+        or (gid is not None and st.st_gid == gid and st.st_mode & stat.S_IWGRP)
+        or st.st_mode & stat.S_IWOTH
+    )
+    searchable = all(
+        os.stat(d).st_mode & stat.S_IXOTH or os.stat(d).st_uid == uid for d in _parents(directory)
+    )
+    if not (writable and searchable):
+        raise OptionError(
+            f"{option} {path}: after dropping privileges pyvhost could not remove it at "
+            f"exit; use a directory the user can write (e.g. chown it to that user)"
+        )
+
+
+def _parents(directory: str) -> list[str]:
+    out = [directory]
+    while directory != "/":
+        directory = os.path.dirname(directory)
+        out.append(directory)
+    return out
+
+
 def drop_privileges(uid: int | None, gid: int | None, paths: list[str]) -> None:
     """Become uid/gid for good; the sockets we created become theirs."""
     if uid is None and gid is None:
@@ -191,7 +221,7 @@ def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.backends.tap_netdev import TapNetdev
     from pyvhost.backends.tap_options import parse_netdev
     from pyvhost.devices.net.device import VirtioNet
-    from pyvhost.stats import StatsServer, stats_path
+    from pyvhost.stats import StatsServer
     from pyvhost.vhost_user.daemon import Daemon
 
     # Everything that needs nothing opened is checked first: a refusal leaves nothing.
@@ -200,6 +230,10 @@ def cmd_net(args: argparse.Namespace) -> int:
     if args.mtu is not None and not 68 <= args.mtu <= 65535:
         raise OptionError(f"--mtu {args.mtu}: must be between 68 and 65535")
     uid, gid = resolve_ids(args.user, args.group)
+    stats_file = args.stats_socket or (args.socket + ".stats")
+    check_removable(stats_file, uid, gid, "--stats-socket")
+    if not args.client:
+        check_removable(args.socket, uid, gid, "--socket")
     if uid is not None and opts.downscript:
         log.warning("downscript= will run as --user %s, without root's privileges", args.user)
 
@@ -222,7 +256,7 @@ def cmd_net(args: argparse.Namespace) -> int:
         def print_stats() -> None:
             print(format_table(snapshot()), flush=True)
 
-        stats = StatsServer(args.stats_socket or stats_path(args.socket), daemon.loop, snapshot)
+        stats = StatsServer(stats_file, daemon.loop, snapshot)
         owned = [stats.path] + ([] if args.client else [args.socket])
         drop_privileges(uid, gid, owned)
         print(
