@@ -74,10 +74,32 @@ def test_a_request_gated_by_an_unnegotiated_feature_is_refused(session):
     assert session.send(R.GET_QUEUE_NUM) == U64(2)
 
 
-def test_set_vring_enable_needs_protocol_features_acked(session):
-    session.send(R.SET_PROTOCOL_FEATURES, U64(ACK))
+def test_set_vring_enable_needs_protocol_features(session):
     session.send(R.SET_FEATURES, U64(1 << 32))
-    assert session.send(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True) == U64(1)
+    assert session.send(R.SET_VRING_ENABLE, VringState(0, 1)) is None  # refused, no ack asked
+    assert not session.backend.vrings[0].enabled
+
+
+def test_set_protocol_features_alone_negotiates_them_as_qemu_expects(session, device, ram):
+    # QEMU 7.2: SET_PROTOCOL_FEATURES, then SET_VRING_ENABLE, and only later
+    # SET_FEATURES. The spec: protocol features need no SET_FEATURES ack.
+    session.send(R.GET_FEATURES)
+    session.send(R.SET_PROTOCOL_FEATURES, U64(ALL))
+    assert session.send(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True) == U64(0)
+    session.send(R.SET_FEATURES, U64(1 << 32))
+    session.share(ram)
+    session.start_ring(ram, 0)
+    assert device.events == [("started", 0), ("enabled", 0)]
+
+
+def test_the_enable_state_outlives_a_stop(session, device, ram):
+    session.negotiate(protocol=ALL)
+    session.share(ram)
+    session.send(R.SET_VRING_ENABLE, VringState(0, 1))
+    session.start_ring(ram, 0)
+    session.send(R.GET_VRING_BASE, VringState(0, 0))
+    session.send(R.SET_VRING_KICK, VringFd(0, False), [session.eventfd()])
+    assert device.events[-2:] == [("started", 0), ("enabled", 0)]
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,7 @@ class Backend:
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self.protocol_features_set = False  # SET_PROTOCOL_FEATURES was received
         self.owner = False
         self.status = 0
         self.vrings = [Vring(i) for i in range(device.num_queues())]
@@ -168,7 +169,11 @@ class Backend:
 
     @property
     def protocol_features_negotiated(self) -> bool:
-        return bool(self.acked_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        """Bit 30 acked, or protocol features set (which needs no ack, and which
+        QEMU 7.2 follows with SET_VRING_ENABLE long before its SET_FEATURES)."""
+        return self.protocol_features_set or bool(
+            self.acked_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        )
 
     def _on_get_features(self, msg: Message) -> U64:
         return U64(self.offered_features)
@@ -195,6 +200,7 @@ class Backend:
                 int(msg.request),
             )
         self.acked_protocol_features = features
+        self.protocol_features_set = True
 
     def _on_set_owner(self, msg: Message) -> None:
         self.owner = True
@@ -404,12 +410,10 @@ class Backend:
         vring.queue.close()
         vring.queue = None
         vring.notifier = None
-        vring.enabled = False
+        # The enable state outlives a stop (QEMU does not repeat SET_VRING_ENABLE).
 
     def _restart(self, vring: Vring) -> None:
-        enabled = vring.enabled
         self._stop(vring)
-        vring.enabled = enabled
         self._start(vring)
 
     def _retranslate_rings(self) -> None:

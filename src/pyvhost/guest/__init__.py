@@ -1,0 +1,1 @@
+"""A small Linux guest for pyvhost: image builder, QEMU arguments, console."""

@@ -1,0 +1,211 @@
+"""QEMU with a vhost-user NIC on pyvhost, and a console to drive the guest.
+
+Facts of these machines (see README): KVM may not boot Linux, so TCG is the
+default; Debian 12's QEMU 7.2 crashes in vhost_net_start under TCG when a
+vhost-user virtio-net-pci device uses MSI-X, so vectors=0 (INTx, fine with
+multiqueue too) is the default; guest RAM must be shareable (a memfd
+backend with share=on) for a vhost-user back-end to map it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pyvhost.errors import PyvhostError
+from pyvhost.guest.image import GuestImage
+
+QEMU = "qemu-system-x86_64"
+
+
+class GuestError(PyvhostError):
+    """The guest did not boot, answer, or run a command in time."""
+
+
+@dataclass
+class NicOptions:
+    socket: str
+    queues: int = 1
+    mem: str = "512M"
+    mac: str = "52:54:00:12:34:56"
+    msix: bool = False  # MSI-X crashes Debian's QEMU 7.2 with vhost-user under TCG
+    host_mtu: int | None = None
+    reconnect: int = 1
+
+
+def nic_args(o: NicOptions) -> list[str]:
+    """The arguments for a vhost-user NIC on pyvhost (and the shared RAM it needs)."""
+    vectors = 2 * o.queues + 2 if o.msix else 0
+    device = f"virtio-net-pci,netdev=n0,mac={o.mac},vectors={vectors}"
+    if o.queues > 1:
+        device += ",mq=on"
+    if o.host_mtu:
+        device += f",host_mtu={o.host_mtu}"
+    return [
+        "-object", f"memory-backend-memfd,id=mem,size={o.mem},share=on",
+        "-machine", "memory-backend=mem",
+        "-chardev", f"socket,id=c0,path={o.socket},reconnect={o.reconnect}",
+        "-netdev", f"vhost-user,id=n0,chardev=c0,queues={o.queues}",
+        "-device", device,
+    ]  # fmt: skip
+
+
+@dataclass
+class VmOptions:
+    nic: NicOptions
+    image: GuestImage
+    accel: str = "tcg"
+    smp: int = 1
+    ip: str = "10.0.2.15/24"
+    extra_append: str = ""
+    taskset: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+def vm_args(o: VmOptions) -> list[str]:
+    append = f"console=ttyS0 quiet loglevel=3 panic=-1 pyvhost.ip={o.ip} {o.extra_append}"
+    cmd = [
+        QEMU, "-accel", o.accel, "-m", o.nic.mem, "-smp", str(o.smp),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-serial", "stdio", "-monitor", "none",
+        "-kernel", str(o.image.kernel), "-initrd", str(o.image.initrd),
+        "-append", append.strip(),
+        *nic_args(o.nic), *o.extra_args,
+    ]  # fmt: skip
+    if o.taskset:
+        cmd = ["taskset", "-c", o.taskset, *cmd]
+    return cmd
+
+
+class Guest:
+    """A running QEMU guest, driven through pyvhost's init on its serial console."""
+
+    def __init__(self, options: VmOptions, log_path: str | None = None) -> None:
+        if shutil.which(QEMU) is None:
+            raise GuestError(f"{QEMU} not found: apt-get install qemu-system-x86")
+        self.options = options
+        self.started = time.monotonic()
+        self.boot_seconds: float | None = None
+        self._lines: queue.Queue[str] = queue.Queue()
+        self.transcript: list[str] = []
+        self._log = open(log_path, "w") if log_path else None  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            vm_args(options),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            bufsize=0,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace").rstrip("\r")
+                self.transcript.append(text)
+                if self._log:
+                    self._log.write(text + "\n")
+                    self._log.flush()
+                self._lines.put(text)
+        self._lines.put("\0EOF")
+
+    def _next_line(self, deadline: float, waiting_for: str) -> str:
+        left = deadline - time.monotonic()
+        try:
+            line = self._lines.get(timeout=max(left, 0.01))
+        except queue.Empty:
+            raise GuestError(
+                f"guest: no {waiting_for} in time; last output:\n{self.tail()}"
+            ) from None
+        if line == "\0EOF":
+            raise GuestError(
+                f"QEMU exited ({self.proc.poll()}) while waiting for {waiting_for}:\n{self.tail()}"
+            )
+        return line
+
+    def tail(self, n: int = 25) -> str:
+        return "\n".join(self.transcript[-n:])
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Wait for init's ready marker; returns seconds since QEMU started."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._next_line(deadline, "boot")
+            if "PYVHOST-ERROR" in line:
+                raise GuestError(f"guest init: {line}")
+            if line.startswith("PYVHOST-READY"):
+                self.boot_seconds = time.monotonic() - self.started
+                return self.boot_seconds
+
+    def run(self, command: str, timeout: float = 60, check: bool = True) -> tuple[int, str]:
+        """Run a shell command in the guest; (exit status, output)."""
+        if "\n" in command:
+            raise ValueError("one line per command")
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        out: list[str] = []
+        while True:
+            line = self._next_line(deadline, f"the end of {command!r}")
+            m = re.match(r"PYVHOST-DONE (\d+)$", line)
+            if m:
+                status = int(m.group(1))
+                if check and status != 0:
+                    raise GuestError(f"guest: {command!r} exited {status}:\n" + "\n".join(out))
+                return status, "\n".join(out)
+            out.append(line)
+
+    def stop(self, timeout: float = 10) -> int:
+        """Power off (or, failing that, end QEMU by its PID); returns QEMU's status."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # init reads EOF and powers off
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        self._reader.join(5)
+        if self._log:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stop()
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
