@@ -346,3 +346,28 @@ def test_closing_the_session_unmaps_memory_and_closes_every_fd(device):
             os.close(fd)
     assert own_fds() == before
     assert mappings_named("pyvhost-test-session") == []
+
+
+def test_the_same_region_added_once_per_queue_pair_is_counted_not_refused(session, ram):
+    # QEMU 7.2 with queues=N: every pair's vhost_dev sends ADD_MEM_REG for the
+    # same region, and REM_MEM_REG as often. The region is mapped once.
+    session.negotiate(protocol=ALL)
+    desc = MemoryRegionDesc(0, ram.size, FRONTEND_BASE, 0)
+    for _ in range(3):
+        assert session.send(R.ADD_MEM_REG, SingleRegion(desc), [ram.fd], need_reply=True) == U64(0)
+    assert len(session.backend.memory) == 1
+    assert len(fds_named("pyvhost-test-guest")) == 3  # ram.fd, its mapping, ours: no more
+    for _ in range(2):
+        assert session.send(R.REM_MEM_REG, SingleRegion(desc), need_reply=True) == U64(0)
+        assert len(session.backend.memory) == 1
+    assert session.send(R.REM_MEM_REG, SingleRegion(desc), need_reply=True) == U64(0)
+    assert len(session.backend.memory) == 0
+
+
+def test_the_same_description_from_another_file_is_still_an_overlap(session, ram):
+    session.negotiate(protocol=ALL)
+    desc = MemoryRegionDesc(0, ram.size, FRONTEND_BASE, 0)
+    assert session.send(R.ADD_MEM_REG, SingleRegion(desc), [ram.fd], need_reply=True) == U64(0)
+    other = memfd(ram.size)
+    assert session.send(R.ADD_MEM_REG, SingleRegion(desc), [other], need_reply=True) == U64(1)
+    os.close(other)

@@ -10,6 +10,17 @@ import time
 from collections.abc import Callable
 
 
+def listening(path: str) -> bool:
+    """Is a Unix socket listening at `path`? (/proc/net/unix; connects to nothing)."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -39,8 +50,9 @@ class PyvhostProcess:
         )
         if wait and socket_path is not None:
             try:
+                # Not mere existence: a killed predecessor leaves its socket file.
                 wait_for(
-                    lambda: os.path.exists(socket_path) or self.proc.poll() is not None,
+                    lambda: listening(socket_path) or self.proc.poll() is not None,
                     10,
                     f"pyvhost to listen on {socket_path}",
                 )

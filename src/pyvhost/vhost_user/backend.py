@@ -112,6 +112,9 @@ class Backend:
         self.status = 0
         self.vrings = [Vring(i) for i in range(device.num_queues())]
         self.errors = 0  # requests refused, for tests and stats
+        # ADD_MEM_REG references per region: QEMU 7.2 sends the same region once
+        # per queue pair (each pair is its own vhost_dev), and removes it as often.
+        self._region_refs: dict[MemoryRegionDesc, tuple[tuple[int, int], int]] = {}
 
     # --- the pipeline ---------------------------------------------------------
 
@@ -237,21 +240,37 @@ class Backend:
         fds = list(msg.fds)
         msg.fds.clear()  # owned by the memory layer from here, closed by it on failure
         self.memory.set_regions(zip(specs, fds, strict=True))
+        self._region_refs.clear()
         self._retranslate_rings()
 
     def _on_get_max_mem_slots(self, msg: Message) -> U64:
         return U64(self.memory.max_regions)
 
     def _on_add_mem_reg(self, msg: Message) -> None:
-        spec = _region_spec(msg.payload.region)
+        desc = msg.payload.region
         fd = msg.fds.pop()
-        self.memory.add_region(spec, fd)
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        known = self._region_refs.get(desc)
+        if known is not None and known[0] == identity:
+            os.close(fd)  # the same region, from the same file, again: one more reference
+            self._region_refs[desc] = (identity, known[1] + 1)
+            return
+        self.memory.add_region(_region_spec(desc), fd)
+        self._region_refs[desc] = (identity, 1)
         self._retranslate_rings()
 
     def _on_rem_mem_reg(self, msg: Message) -> None:
         # Identified by guest address, user address and size; mmap offset ignored.
         # An fd sent along (older QEMUs do) is closed unused by the pipeline.
         r = msg.payload.region
+        for desc, (identity, refs) in self._region_refs.items():
+            if (desc.guest_addr, desc.size, desc.user_addr) == (r.guest_addr, r.size, r.user_addr):
+                if refs > 1:
+                    self._region_refs[desc] = (identity, refs - 1)
+                    return
+                del self._region_refs[desc]
+                break
         region = next(
             (
                 m

@@ -1,0 +1,170 @@
+"""A whole setup on one machine: pyvhost on a TAP, the host side in a network
+namespace, and a Linux guest in QEMU connected to pyvhost.
+
+The demo, the end-to-end tests and the benchmarks all build on it. Every
+process it starts is ended by its PID, the namespace is removed, and the
+TAP goes with pyvhost's last fd, also when something fails half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable
+
+from pyvhost.guest.image import GuestImage, ensure_image
+from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
+from pyvhost.testing.netns import NetNamespace, ip
+from pyvhost.testing.processes import PyvhostProcess, wait_for
+
+HOST_IP = "10.0.2.1"
+GUEST_IP = "10.0.2.15"
+PREFIX = 24
+# A fixed MAC on the host side: a restarted pyvhost makes a new TAP, and the
+# guest's ARP entry for the host must stay right.
+HOST_MAC = "02:00:00:00:00:01"
+
+
+class Lab:
+    def __init__(
+        self,
+        *,
+        queues: int = 1,
+        smp: int = 1,
+        accel: str = "tcg",
+        msix: bool = False,
+        host_mtu: int | None = None,
+        mem: str = "512M",
+        image: GuestImage | None = None,
+        progress: Callable[[str], None] = lambda msg: None,
+        workdir: str | None = None,
+        pyvhost_taskset: str | None = None,
+        qemu_taskset: str | None = None,
+    ) -> None:
+        self.queues = queues
+        self.smp = smp
+        self.accel = accel
+        self.msix = msix
+        self.host_mtu = host_mtu
+        self.mem = mem
+        self.progress = progress
+        self.image = image
+        self.pyvhost_taskset = pyvhost_taskset
+        self.qemu_taskset = qemu_taskset
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="pyvhost-lab-")
+        self.workdir = workdir or self._tmp.name
+        self.socket = os.path.join(self.workdir, "vhost.sock")
+        self.ifname = f"pv{uuid.uuid4().hex[:8]}"
+        self.netns: NetNamespace | None = None
+        self.pyvhost: PyvhostProcess | None = None
+        self.guest: Guest | None = None
+        self._servers: list[subprocess.Popen] = []
+
+    # --- pieces --------------------------------------------------------------------
+
+    def start(self) -> Lab:
+        """Namespace, pyvhost on its TAP, host address: everything but the guest."""
+        try:
+            if self.image is None:
+                self.image = ensure_image(self.progress)
+            self.netns = NetNamespace("pyvhost-lab")
+            self.start_pyvhost()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_pyvhost(self) -> None:
+        self.progress(f"starting pyvhost net on TAP {self.ifname} ({self.queues} queue pairs)")
+        args = ["net", "--socket", self.socket, "--netdev",
+                f"tap,ifname={self.ifname},queues={self.queues}"]  # fmt: skip
+        self.pyvhost = PyvhostProcess(args, self.socket)
+        if self.pyvhost_taskset:
+            subprocess.run(["taskset", "-a", "-p", "-c", self.pyvhost_taskset,
+                            str(self.pyvhost.pid)], capture_output=True, check=True)  # fmt: skip
+        ip("link", "set", "dev", self.ifname, "netns", self.netns.name)
+        self.netns.ip("link", "set", "dev", self.ifname, "address", HOST_MAC)
+        self.netns.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", self.ifname)
+        self.netns.ip("link", "set", "dev", self.ifname, "up")
+
+    def kill_pyvhost(self) -> None:
+        """SIGKILL, as a crash: no cleanup of its own (its socket file stays)."""
+        self.pyvhost.kill()
+
+    def restart_pyvhost(self) -> None:
+        self.kill_pyvhost()
+        self.start_pyvhost()
+
+    def iperf_server(self, port: int = 5201) -> None:
+        proc = self.netns.popen(
+            "iperf3", "-s", "-p", str(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._servers.append(proc)
+        wait_for(
+            lambda: f":{port:04X}" in _listening_tcp(self.netns) or proc.poll() is not None,
+            10,
+            f"iperf3 server on port {port}",
+        )
+
+    def boot(self, extra_append: str = "", log_path: str | None = None) -> Guest:
+        self.progress("booting the guest (QEMU, " + self.accel + ")")
+        nic = NicOptions(self.socket, queues=self.queues, mem=self.mem, msix=self.msix,
+                         host_mtu=self.host_mtu)  # fmt: skip
+        opts = VmOptions(nic, self.image, accel=self.accel, smp=self.smp,
+                         ip=f"{GUEST_IP}/{PREFIX}", extra_append=extra_append,
+                         taskset=self.qemu_taskset)  # fmt: skip
+        self.guest = Guest(opts, log_path or os.path.join(self.workdir, "guest.log"))
+        self.guest.wait_ready()
+        return self.guest
+
+    def stats(self) -> dict:
+        from pyvhost.stats import fetch
+
+        return fetch(self.socket + ".stats")
+
+    def iperf(self, reverse: bool = False, seconds: int = 5, port: int = 5201,
+              extra: str = "") -> float:  # fmt: skip
+        """Run iperf3 in the guest against the host; Gbit/s received."""
+        cmd = f"iperf3 -c {HOST_IP} -p {port} -t {seconds} -J {'-R' if reverse else ''} {extra}"
+        _, out = self.guest.run(cmd, timeout=seconds + 60)
+        result = json.loads(out[out.index("{") :])
+        return result["end"]["sum_received"]["bits_per_second"] / 1e9
+
+    # --- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.stop()
+            self.guest = None
+        for proc in self._servers:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self._servers.clear()
+        if self.pyvhost is not None:
+            self.pyvhost.stop()
+            self.pyvhost = None
+        if self.netns is not None:
+            self.netns.delete()
+            self.netns = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Lab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _listening_tcp(netns: NetNamespace) -> str:
+    r = netns.run("cat", "/proc/net/tcp", "/proc/net/tcp6", capture_output=True, text=True)
+    return "\n".join(line for line in r.stdout.splitlines() if line.split()[3:4] == ["0A"])
