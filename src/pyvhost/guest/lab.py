@@ -100,8 +100,9 @@ class Lab:
 
     def iperf_server(self, port: int = 5201) -> None:
         proc = self.netns.popen(
-            "iperf3", "-s", "-p", str(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+            "iperf3", "-s", "-p", str(port),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
         self._servers.append(proc)
         wait_for(
             lambda: f":{port:04X}" in _listening_tcp(self.netns) or proc.poll() is not None,

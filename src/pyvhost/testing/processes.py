@@ -47,6 +47,7 @@ class PyvhostProcess:
             stderr=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
+            start_new_session=True,  # a Ctrl-C meant for the caller is the caller's to handle
         )
         if wait and socket_path is not None:
             try:

@@ -1,0 +1,55 @@
+"""The README's demo command, as a user runs it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from pyvhost.testing.netns import ip
+
+
+def namespaces() -> set[str]:
+    return {line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line}
+
+
+def taps() -> str:
+    return ip("-o", "link", "show", "type", "tun").stdout
+
+
+def test_the_demo_prints_its_table_and_leaves_nothing(guest_image):
+    before_ns = namespaces()
+    r = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "demo", "--seconds", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    for step in range(1, 7):
+        assert f"[{step}/6]" in r.stdout
+    for row in ("boot time", "ping loss", "ping rtt", "guest -> host", "host -> guest"):
+        assert row in r.stdout
+    assert "ping loss               0 %" in r.stdout
+    assert namespaces() == before_ns and "pv" not in taps()
+
+
+def test_an_interrupted_demo_cleans_up(guest_image):
+    before_ns = namespaces()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvhost", "demo", "--seconds", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # wait until the guest is up and iperf3 is running
+        if line.startswith("[5/6]"):
+            break
+    time.sleep(2)
+    children = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert children  # pyvhost, QEMU, iperf3 are running
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: cleaning up" in err
+    for pid in children:
+        assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0, pid
+    assert namespaces() == before_ns and "pv" not in taps()
