@@ -329,3 +329,14 @@ def test_a_device_polling_with_notifications_disabled_is_not_kicked(ram):
     assert device.pop() is None  # disabled: no re-arm
     driver.add(readable=[(buf, 8)])
     assert not driver.kick()
+
+
+def test_iov_helpers_cut_write_and_scatter_across_views():
+    from pyvhost.virtq.iov import scatter, skip, write_at
+
+    a, b = bytearray(4), bytearray(6)
+    views = [memoryview(a), memoryview(b)]
+    assert [len(v) for v in skip(views, 5)] == [5]
+    write_at(views, 3, b"xyz")
+    assert (bytes(a), bytes(b[:2])) == (b"\0\0\0x", b"yz")
+    assert scatter(views, b"0123456789abc") == 10 and bytes(a + b) == b"0123456789"

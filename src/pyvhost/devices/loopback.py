@@ -19,6 +19,7 @@ from pyvhost.virtq import (
     VIRTIO_RING_F_INDIRECT_DESC,
     SplitQueue,
 )
+from pyvhost.virtq.iov import scatter
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class LoopbackNet(VirtioDevice):
                 break
             frame = b"".join(chain.readable)[hdr_size:]
             header = spec.HDR.pack(0, spec.GSO_NONE, 0, 0, 0, 0, 1)[:hdr_size]
-            written = _scatter(header + frame, rx_chain.writable)
+            written = scatter(rx_chain.writable, header + frame)
             if written < hdr_size + len(frame):
                 self.counters.truncated += 1
             txq.push_used(chain.head, 0)
@@ -116,14 +117,3 @@ class LoopbackNet(VirtioDevice):
         tx_notifier.notify()
         if rx is not None:
             rx[1].notify()
-
-
-def _scatter(data: bytes, views: list[memoryview]) -> int:
-    pos = 0
-    for v in views:
-        n = min(len(v), len(data) - pos)
-        v[:n] = data[pos : pos + n]
-        pos += n
-        if pos == len(data):
-            break
-    return pos

@@ -24,6 +24,7 @@ from pyvhost.devices.net import spec
 from pyvhost.devices.net.metrics import QueueCounters
 from pyvhost.eventloop import EventLoop
 from pyvhost.virtq import SplitQueue
+from pyvhost.virtq.iov import scatter, skip, write_at
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +45,6 @@ class HostQueue(Protocol):
     def read_iovec(self, buffers: list) -> int: ...
 
     def write_iovec(self, buffers: list) -> int: ...
-
-
-def _skip(views: list[memoryview], n: int) -> list[memoryview]:
-    """The views with their first n bytes cut off (zero-copy)."""
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-            continue
-        out.append(v[n:] if n else v)
-        n = 0
-    return out
-
-
-def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
-    """Write data at a byte offset of a scatter list (data may span views)."""
-    pos = 0
-    for v in views:
-        if offset >= len(v):
-            offset -= len(v)
-            continue
-        n = min(len(v) - offset, len(data) - pos)
-        v[offset : offset + n] = data[pos : pos + n]
-        pos += n
-        offset = 0
-        if pos == len(data):
-            return
-
-
-def _scatter(views: list[memoryview], data: memoryview) -> int:
-    pos = 0
-    for v in views:
-        n = min(len(v), len(data) - pos)
-        v[:n] = data[pos : pos + n]
-        pos += n
-        if pos == len(data):
-            break
-    return pos
 
 
 class QueuePair:
@@ -176,7 +139,7 @@ class QueuePair:
             elif chain.readable_len <= hdr:
                 c.errors += 1  # no frame behind the header
             else:
-                bufs = chain.readable if not strip else _skip(chain.readable, strip)
+                bufs = chain.readable if not strip else skip(chain.readable, strip)
                 try:
                     write(bufs)
                     c.packets += 1
@@ -241,7 +204,7 @@ class QueuePair:
                 c.errors += 1  # a buffer that cannot even hold the header
                 done.append((chain.head, 0))
                 continue
-            bufs = (chain.writable if vnet else _skip(chain.writable, hdr)) + [bounce]
+            bufs = (chain.writable if vnet else skip(chain.writable, hdr)) + [bounce]
             try:
                 n = read(bufs)
             except BlockingIOError:
@@ -254,10 +217,10 @@ class QueuePair:
                 break
             total = n if vnet else n + hdr
             if not vnet:
-                _write_at(chain.writable, 0, self._zero_hdr)
+                write_at(chain.writable, 0, self._zero_hdr)
             if total <= room:
                 if self.mrg_rxbuf:
-                    _write_at(chain.writable, 10, b"\x01\x00")  # num_buffers = 1
+                    write_at(chain.writable, 10, b"\x01\x00")  # num_buffers = 1
                 done.append((chain.head, total))
                 c.packets += 1
                 c.bytes += total - hdr
@@ -293,10 +256,10 @@ class QueuePair:
                 for _ in extra:
                     q.unpop()
                 return False
-            n = _scatter(chain.writable, overflow[pos:])
+            n = scatter(chain.writable, overflow[pos:])
             extra.append((chain.head, n))
             pos += n
-        _write_at(first.writable, 10, (1 + len(extra)).to_bytes(2, "little"))
+        write_at(first.writable, 10, (1 + len(extra)).to_bytes(2, "little"))
         done.append((first.head, room))
         done.extend(extra)
         self.rx_counters.packets += 1
@@ -311,9 +274,9 @@ class QueuePair:
             self._starve(q)
             return False
         room = min(first.writable_len, len(frame))
-        _scatter(first.writable, frame[:room])
+        scatter(first.writable, frame[:room])
         if room == len(frame):
-            _write_at(first.writable, 10, b"\x01\x00")
+            write_at(first.writable, 10, b"\x01\x00")
             done.append((first.head, room))
             self.rx_counters.packets += 1
             self.rx_counters.bytes += room - self.hdr_size
