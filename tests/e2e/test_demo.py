@@ -53,3 +53,10 @@ def test_an_interrupted_demo_cleans_up(guest_image):
     for pid in children:
         assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0, pid
     assert namespaces() == before_ns and "pv" not in taps()
+
+
+def test_a_static_busybox_is_told_from_a_dynamic_binary():
+    from pyvhost.guest.image import BUSYBOX, is_static_elf
+
+    assert is_static_elf(BUSYBOX)
+    assert not is_static_elf(sys.executable)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,7 @@ MODULES = (
 BUSYBOX = "/bin/busybox"
 GUEST_BINARIES = ("/usr/bin/iperf3",)
 INIT = Path(__file__).with_name("init.sh")
+PT_INTERP = 3
 
 
 class GuestImageError(PyvhostError):
@@ -68,18 +70,22 @@ def missing_tools() -> list[tuple[str, str]]:
     ):
         if shutil.which(path) is None:
             out.append((path, pkg))
-    if not out and "statically linked" not in _file_kind(BUSYBOX):
+    if not out and not is_static_elf(BUSYBOX):
         out.append((BUSYBOX + " (static)", "busybox-static"))
     return out
 
 
-def _file_kind(path: str) -> str:
-    try:
-        return subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        # No `file`: look for a dynamic loader request in the ELF instead.
-        with open(path, "rb") as f:
-            return "dynamically linked" if b"ld-linux" in f.read() else "statically linked"
+def is_static_elf(path: str) -> bool:
+    """True if the ELF file asks for no dynamic loader (no PT_INTERP segment)."""
+    with open(os.path.realpath(path), "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:  # ELF, 64-bit
+            return False
+        (phoff,) = struct.unpack_from("<Q", head, 32)
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(struct.unpack_from("<I", table, i * phentsize)[0] != PT_INTERP for i in range(phnum))
 
 
 def kernel_package() -> str:

@@ -70,14 +70,20 @@ class VmOptions:
 
 
 def vm_args(o: VmOptions) -> list[str]:
+    """QEMU's command line. With `nic.socket` empty, no vhost-user NIC is added:
+    `extra_args` brings the NIC (how benchmarks run QEMU's own tap path)."""
     append = f"console=ttyS0 quiet loglevel=3 panic=-1 pyvhost.ip={o.ip} {o.extra_append}"
+    nic = nic_args(o.nic) if o.nic.socket else [
+        "-object", f"memory-backend-memfd,id=mem,size={o.nic.mem},share=on",
+        "-machine", "memory-backend=mem",
+    ]  # fmt: skip
     cmd = [
         QEMU, "-accel", o.accel, "-m", o.nic.mem, "-smp", str(o.smp),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
         "-kernel", str(o.image.kernel), "-initrd", str(o.image.initrd),
         "-append", append.strip(),
-        *nic_args(o.nic), *o.extra_args,
+        *nic, *o.extra_args,
     ]  # fmt: skip
     if o.taskset:
         cmd = ["taskset", "-c", o.taskset, *cmd]

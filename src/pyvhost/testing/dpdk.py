@@ -102,6 +102,7 @@ class Testpmd:
         prefix: str = "pyvhost",
         cores: str = "0-1",
         taskset: str | None = None,
+        extra_vdevs: list[str] | tuple[str, ...] = (),
     ) -> None:
         cmd = [
             testpmd_binary(),
@@ -115,6 +116,7 @@ class Testpmd:
             "512",
             f"--file-prefix={prefix}",
             f"--vdev={vdev}",
+            *(f"--vdev={v}" for v in extra_vdevs),
             "--",
             "--nb-cores=1",
             *app_args,
@@ -128,6 +130,7 @@ class Testpmd:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
         self.output = ""
 

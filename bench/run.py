@@ -1,0 +1,456 @@
+"""pyvhost side by side with what users would run instead. Needs root.
+
+    python bench/run.py [--repeats 3] [--seconds 5] [--only throughput,pps,tso,latency]
+
+1. Guest throughput: one TCG guest, iperf3 TCP both ways, through pyvhost
+   (vhost-user), through QEMU's own -netdev tap,vhost=off, and through DPDK
+   testpmd's vhost PMD forwarding to its tap PMD.
+2. Packet rate to the TAP: testpmd's virtio_user PMD (txonly, 64 and 1500
+   byte frames) into pyvhost, then into testpmd's vhost PMD + tap PMD.
+3. Large frames: 64 KiB TSO frames from the Python front-end through pyvhost
+   to the TAP (and from the TAP back to the front-end).
+4. Cost: CPU seconds of the backend per GB moved, from /proc/PID/stat.
+5. Latency: 64-byte ping-pong front-end -> pyvhost -> TAP -> echo -> back.
+
+Anchor and pyvhost alternate within each repeat; every figure is the median
+of --repeats runs with min and max. Processes are pinned with taskset (the
+guest and generators on core 0, the backend under test on core 1) and the
+pinning is printed. Raw figures go to bench/out/*.json, ratios to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from pyvhost.guest.image import ensure_image
+from pyvhost.guest.lab import GUEST_IP, HOST_IP, HOST_MAC, PREFIX
+from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
+from pyvhost.testing.dpdk import Hugepages, Testpmd
+from pyvhost.testing.netns import NetNamespace, ip, link_exists
+from pyvhost.testing.processes import PyvhostProcess, wait_for
+
+OUT = Path(__file__).resolve().parent / "out"
+GUEST_CORE, BACKEND_CORE = "0", "1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def pin(pid: int, cores: str) -> None:
+    subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], capture_output=True, check=True)
+
+
+def tap_counters(netns: NetNamespace, ifname: str) -> tuple[int, int]:
+    """(rx_packets, rx_bytes) of the TAP as the host side sees it."""
+    out = netns.ip("-s", "-j", "link", "show", "dev", ifname).stdout
+    stats = json.loads(out)[0]["stats64"]["rx"]
+    return stats["packets"], stats["bytes"]
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}  # fmt: skip
+
+
+# --- 1. guest throughput ---------------------------------------------------------------
+
+
+class GuestSetup:
+    """A guest and the host side, through one of three backends."""
+
+    def __init__(self, kind: str, image, workdir: Path) -> None:
+        self.kind = kind
+        self.image = image
+        self.netns = NetNamespace("pyvhost-bench")
+        self.ifname = f"pb{uuid.uuid4().hex[:8]}"
+        self.sock = str(workdir / f"{kind}.sock")
+        self.backend_pid: int | None = None
+        self.backend_tid: int | None = None
+        self.pyvhost = self.testpmd = self.guest = None
+        self.iperf = None
+
+    def start(self) -> None:
+        extra: list[str] = []
+        socket = self.sock
+        if self.kind == "pyvhost":
+            self.pyvhost = PyvhostProcess(
+                ["net", "--socket", self.sock, "--netdev", f"tap,ifname={self.ifname}"], self.sock
+            )
+            pin(self.pyvhost.pid, BACKEND_CORE)
+            self.backend_pid = self.pyvhost.pid
+            self._adopt()
+        elif self.kind == "dpdk":
+            self.testpmd = Testpmd(
+                f"net_vhost0,iface={self.sock},queues=1",
+                ["--forward-mode=io", "--auto-start"],
+                prefix=f"bench-{uuid.uuid4().hex[:6]}",
+                cores=f"{GUEST_CORE},{BACKEND_CORE}",
+                extra_vdevs=[f"net_tap0,iface={self.ifname}"],
+            )
+            self.testpmd.wait_for_socket(self.sock)
+            wait_for(lambda: link_exists(self.ifname), 20, "testpmd's TAP")
+            self.backend_pid = self.testpmd.proc.pid
+            self._adopt()
+        else:  # QEMU's own userspace virtio-net on a TAP
+            socket = ""
+            tap = f"tap,id=n0,ifname={self.ifname},script=no,downscript=no,vhost=off"
+            dev = "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,vectors=0"
+            extra = ["-netdev", tap, "-device", dev]
+        nic = NicOptions(socket, mem="512M")
+        opts = VmOptions(nic, self.image, ip=f"{GUEST_IP}/{PREFIX}", extra_args=extra,
+                         taskset=GUEST_CORE)  # fmt: skip
+        self.guest = Guest(opts)
+        if self.kind == "qemu-tap":
+            wait_for(lambda: link_exists(self.ifname), 20, "QEMU's TAP")
+            self.backend_pid = self.guest.pid
+            self.backend_tid = self.guest.pid  # the main loop thread runs the tap datapath
+            self._adopt()
+        self.guest.wait_ready()
+        self.iperf = self.netns.popen("taskset", "-c", GUEST_CORE, "iperf3", "-s",
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)  # fmt: skip
+        time.sleep(0.5)
+        self.guest.run(f"ping -c 2 -W 2 {HOST_IP}", timeout=30, check=False)
+
+    def _adopt(self) -> None:
+        ip("link", "set", "dev", self.ifname, "netns", self.netns.name)
+        self.netns.ip("link", "set", "dev", self.ifname, "address", HOST_MAC)
+        self.netns.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", self.ifname)
+        self.netns.ip("link", "set", "dev", self.ifname, "up")
+
+    def iperf3(self, reverse: bool, seconds: int) -> tuple[float, float]:
+        """(Gbit/s, backend CPU seconds per GB)."""
+        cpu0 = cpu_seconds(self.backend_pid, self.backend_tid)
+        _, out = self.guest.run(
+            f"iperf3 -c {HOST_IP} -t {seconds} -J {'-R' if reverse else ''}", timeout=seconds + 60
+        )
+        cpu = cpu_seconds(self.backend_pid, self.backend_tid) - cpu0
+        end = json.loads(out[out.index("{") :])["end"]
+        gbits = end["sum_received"]["bits_per_second"] / 1e9
+        gbytes = end["sum_received"]["bytes"] / 1e9
+        return gbits, cpu / gbytes
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.stop()
+        if self.iperf is not None and self.iperf.poll() is None:
+            self.iperf.terminate()
+            self.iperf.wait()
+        if self.testpmd is not None:
+            self.testpmd.kill()
+        if self.pyvhost is not None:
+            self.pyvhost.stop()
+        self.netns.delete()
+
+
+def bench_throughput(args, image, workdir: Path) -> dict:
+    kinds = ["pyvhost", "qemu-tap", "dpdk"]
+    results = {k: {"to_host": [], "to_guest": [], "cpu_per_gb": []} for k in kinds}
+    for r in range(args.repeats):
+        for kind in kinds:
+            print(f"  throughput run {r + 1}/{args.repeats}: {kind}", flush=True)
+            setup = GuestSetup(kind, image, workdir)
+            try:
+                setup.start()
+                up, cpu_up = setup.iperf3(False, args.seconds)
+                down, cpu_down = setup.iperf3(True, args.seconds)
+            finally:
+                setup.close()
+            results[kind]["to_host"].append(up)
+            results[kind]["to_guest"].append(down)
+            results[kind]["cpu_per_gb"].append((cpu_up + cpu_down) / 2)
+    return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
+
+
+# --- 2. packet rate into the TAP ----------------------------------------------------------
+
+
+def bench_pps(args, workdir: Path) -> dict:
+    results: dict = {}
+    for size in (64, 1500):
+        for kind in ("pyvhost", "dpdk"):
+            results[f"{kind}/{size}"] = {"mpps": [], "gen_mpps": [], "cpu_per_gb": []}
+    for r in range(args.repeats):
+        for size in (64, 1500):
+            for kind in ("pyvhost", "dpdk"):
+                print(f"  packet rate run {r + 1}/{args.repeats}: {kind}, {size}-byte frames",
+                      flush=True)  # fmt: skip
+                mpps, gen, cpu = pps_once(kind, size, args.seconds, workdir)
+                d = results[f"{kind}/{size}"]
+                d["mpps"].append(mpps)
+                d["gen_mpps"].append(gen)
+                d["cpu_per_gb"].append(cpu)
+    return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
+
+
+def pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, float, float]:
+    netns = NetNamespace("pyvhost-bench")
+    ifname = f"pb{uuid.uuid4().hex[:8]}"
+    sock = str(workdir / f"pps-{kind}.sock")
+    backend = gen = None
+    try:
+        if kind == "pyvhost":
+            backend = PyvhostProcess(
+                ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock
+            )
+            pin(backend.pid, BACKEND_CORE)
+            pid = backend.pid
+        else:
+            backend = Testpmd(
+                f"net_vhost0,iface={sock},queues=1", ["--forward-mode=io", "--auto-start"],
+                prefix=f"bench-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+                extra_vdevs=[f"net_tap0,iface={ifname}"],
+            )  # fmt: skip
+            backend.wait_for_socket(sock)
+            wait_for(lambda: link_exists(ifname), 20, "testpmd's TAP")
+            pid = backend.proc.pid
+        ip("link", "set", "dev", ifname, "netns", netns.name)
+        netns.ip("link", "set", "dev", ifname, "up")
+        gen = Testpmd(
+            f"net_virtio_user0,path={sock},queues=1,queue_size=256",
+            ["--forward-mode=txonly", f"--txpkts={size}", "--auto-start"],
+            prefix=f"gen-{uuid.uuid4().hex[:6]}", cores=f"{BACKEND_CORE},{GUEST_CORE}",
+        )  # fmt: skip
+        time.sleep(3)  # link up, forwarding started
+        p0, b0 = tap_counters(netns, ifname)
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(seconds)
+        p1, b1 = tap_counters(netns, ifname)
+        c1, t1 = cpu_seconds(pid), time.monotonic()
+        stats = gen.stop()
+        gen_rate = stats.tx_packets / 1e6 / (seconds + 3)  # what the generator managed
+        mpps = (p1 - p0) / (t1 - t0) / 1e6
+        gbytes = (b1 - b0) / 1e9
+        return mpps, gen_rate, (c1 - c0) / gbytes if gbytes else float("nan")
+    finally:
+        if gen is not None:
+            gen.kill()
+        if isinstance(backend, Testpmd):
+            backend.kill()
+        elif backend is not None:
+            backend.stop()
+        netns.delete()
+
+
+# --- 3. large frames and 5. latency (the Python front-end as the guest) ------------------
+
+
+def bench_tso(args, workdir: Path) -> dict:
+    from frames import gso_frame_and_header
+    from pyvhost.frontend.net import NetFrontend
+
+    res = {"to_host_gbits": [], "to_guest_gbits": []}
+    for r in range(args.repeats):
+        print(f"  64 KiB TSO run {r + 1}/{args.repeats}", flush=True)
+        netns = NetNamespace("pyvhost-bench")
+        ifname = f"pb{uuid.uuid4().hex[:8]}"
+        sock = str(workdir / "tso.sock")
+        d = PyvhostProcess(["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock)
+        pin(d.pid, BACKEND_CORE)
+        try:
+            ip("link", "set", "dev", ifname, "netns", netns.name)
+            netns.ip("link", "set", "dev", ifname, "up")
+            with NetFrontend.connect(sock) as fe:
+                frame, hdr = gso_frame_and_header(fe.hdr_size, to_host=True)
+                _, b0 = tap_counters(netns, ifname)
+                t0 = time.monotonic()
+                sent = 0
+                while time.monotonic() - t0 < args.seconds:
+                    for _ in range(64):
+                        try:
+                            fe.send(frame, header=hdr)
+                            sent += 1
+                        except BlockingIOError:
+                            time.sleep(0)
+                _, b1 = tap_counters(netns, ifname)
+                res["to_host_gbits"].append((b1 - b0) * 8 / (time.monotonic() - t0) / 1e9)
+                res["to_guest_gbits"].append(tso_to_guest(fe, netns, ifname, args.seconds))
+        finally:
+            d.stop()
+            netns.delete()
+    return {k: summary(v) for k, v in res.items()}
+
+
+def tso_to_guest(fe, netns: NetNamespace, ifname: str, seconds: int) -> float:
+    """An injector in the namespace sends 64 KiB GSO frames; the front-end drains them."""
+    inj = netns.popen(sys.executable, str(Path(__file__).with_name("gso_inject.py")), ifname,
+                      str(seconds), stdout=subprocess.PIPE, text=True)  # fmt: skip
+    fe.post_rx()
+    got = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds + 1:
+        for f in fe.receive(timeout=0.2, count=256):
+            got += len(f)
+    inj.communicate(timeout=30)
+    return got * 8 / (time.monotonic() - t0) / 1e9
+
+
+def bench_latency(args, workdir: Path) -> dict:
+    from pyvhost.frontend.net import NetFrontend
+
+    rtts: list[float] = []
+    netns = NetNamespace("pyvhost-bench")
+    ifname = f"pb{uuid.uuid4().hex[:8]}"
+    sock = str(workdir / "lat.sock")
+    d = PyvhostProcess(["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock)
+    pin(d.pid, BACKEND_CORE)
+    echo = None
+    try:
+        ip("link", "set", "dev", ifname, "netns", netns.name)
+        netns.ip("link", "set", "dev", ifname, "up")
+        echo = netns.popen("taskset", "-c", GUEST_CORE, sys.executable,
+                           str(Path(__file__).with_name("echo.py")), ifname)  # fmt: skip
+        time.sleep(1)
+        with NetFrontend.connect(sock) as fe:
+            fe.post_rx()
+            frame = bytes.fromhex("020000000001525400123456") + b"\x88\xb5" + bytes(50)
+            for _ in range(2000):
+                t = time.perf_counter()
+                fe.send(frame)
+                while not [f for f in fe.receive(timeout=1.0) if f[12:14] == b"\x88\xb5"]:
+                    pass
+                rtts.append((time.perf_counter() - t) * 1e6)
+    finally:
+        if echo is not None:
+            echo.terminate()
+            echo.wait()
+        d.stop()
+        netns.delete()
+    rtts = rtts[100:]  # warm-up
+    rtts.sort()
+    return {"median_us": statistics.median(rtts), "p99_us": rtts[int(len(rtts) * 0.99)],
+            "samples": len(rtts)}  # fmt: skip
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def fmt(s: dict, unit: str = "", digits: int = 2) -> str:
+    return (f"{s['median']:.{digits}f}{unit} (min {s['min']:.{digits}f}, "
+            f"max {s['max']:.{digits}f})")  # fmt: skip
+
+
+def chart(ratios: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = list(ratios)
+    ax.barh(names, [ratios[n] for n in names], color="#4878a8")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("pyvhost / anchor (median; > 1 means pyvhost is faster)")
+    ax.set_title("pyvhost side by side")
+    for i, n in enumerate(names):
+        ax.text(ratios[n], i, f" {ratios[n]:.2f}", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--only", default="throughput,pps,tso,latency")
+    args = ap.parse_args()
+    which = set(args.only.split(","))
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (TAPs, namespaces, hugepages)", file=sys.stderr)
+        return 2
+    OUT.mkdir(exist_ok=True)
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"pyvhost-bench-{os.getpid()}"
+    workdir.mkdir()
+    machine = (f"{platform.python_implementation()} {platform.python_version()}, "
+               f"{os.cpu_count()} cores, {platform.machine()}")  # fmt: skip
+    print(f"machine: {machine}")
+    print(
+        f"pinning: guest/QEMU, generators, iperf3 server on core {GUEST_CORE}; "
+        f"backend under test (pyvhost, or testpmd's forwarding lcore) on core {BACKEND_CORE}"
+    )
+    results: dict = {"machine": machine, "repeats": args.repeats, "seconds": args.seconds,
+                     "pinning": {"guest": GUEST_CORE, "backend": BACKEND_CORE}}  # fmt: skip
+    pages = None
+    try:
+        if which & {"throughput", "pps"}:
+            pages = Hugepages()
+        if "throughput" in which:
+            print("1. guest throughput (iperf3 TCP, one TCG guest)")
+            results["throughput"] = bench_throughput(args, ensure_image(print), workdir)
+        if "pps" in which:
+            print("2. packet rate into the TAP (testpmd virtio_user txonly as the generator)")
+            results["pps"] = bench_pps(args, workdir)
+        if "tso" in which:
+            print("3. 64 KiB TSO frames, Python front-end through pyvhost")
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            results["tso"] = bench_tso(args, workdir)
+        if "latency" in which:
+            print("5. latency, 64-byte ping-pong front-end -> pyvhost -> TAP -> echo")
+            results["latency"] = bench_latency(args, workdir)
+    finally:
+        if pages is not None:
+            pages.release()
+        subprocess.run(["rm", "-rf", str(workdir)])
+    report(results)
+    return 0
+
+
+def report(results: dict) -> None:
+    ratios: dict[str, float] = {}
+    print()
+    if "throughput" in results:
+        t = results["throughput"]
+        print("Guest throughput, Gbit/s (median of runs, min, max); backend CPU s/GB")
+        for kind in t:
+            k = t[kind]
+            print(f"  {kind:9} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
+                  f"  cpu/GB {k['cpu_per_gb']['median']:.2f}")  # fmt: skip
+        for anchor in ("qemu-tap", "dpdk"):
+            for d in ("to_host", "to_guest"):
+                ratio = t["pyvhost"][d]["median"] / t[anchor][d]["median"]
+                ratios[f"iperf3 {d.replace('_', ' ')} vs {anchor}"] = ratio
+                print(f"  pyvhost/{anchor} {d}: {ratio:.2f}")
+    if "pps" in results:
+        p = results["pps"]
+        print("Packet rate into the TAP, Mpps (generator's own rate in brackets); CPU s/GB")
+        for key, d in p.items():
+            print(f"  {key:13} {fmt(d['mpps'], digits=3)}  [gen {d['gen_mpps']['median']:.3f}]"
+                  f"  cpu/GB {d['cpu_per_gb']['median']:.2f}")  # fmt: skip
+        for size in (64, 1500):
+            ratio = p[f"pyvhost/{size}"]["mpps"]["median"] / p[f"dpdk/{size}"]["mpps"]["median"]
+            ratios[f"{size}-byte pps vs dpdk"] = ratio
+            print(f"  pyvhost/dpdk {size}-byte: {ratio:.2f}")
+    if "tso" in results:
+        s = results["tso"]
+        print(f"64 KiB TSO frames: to host {fmt(s['to_host_gbits'])} Gbit/s, "
+              f"to guest {fmt(s['to_guest_gbits'])} Gbit/s")  # fmt: skip
+    if "latency" in results:
+        lat = results["latency"]
+        print(f"Latency: median {lat['median_us']:.0f} us, p99 {lat['p99_us']:.0f} us "
+              f"({lat['samples']} samples)")  # fmt: skip
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (OUT / f"results-{stamp}.json").write_text(json.dumps(results, indent=1))
+    if ratios:
+        try:
+            chart(ratios, OUT / f"ratios-{stamp}.png")
+            print(f"wrote {OUT}/results-{stamp}.json and ratios-{stamp}.png")
+        except ImportError:
+            print(f"wrote {OUT}/results-{stamp}.json (pip install matplotlib for the chart)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
