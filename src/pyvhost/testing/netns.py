@@ -14,6 +14,8 @@ import socket
 import subprocess
 import uuid
 
+from pyvhost.errors import PyvhostError
+
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -22,10 +24,14 @@ SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 
 
+class NamespaceError(PyvhostError):
+    """An `ip` command for the host side (namespace, TAP address) failed."""
+
+
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and r.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+        raise NamespaceError(f"ip {' '.join(args)}: {r.stderr.strip()}")
     return r
 
 
