@@ -223,7 +223,8 @@ def pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, 
         gen = Testpmd(
             f"net_virtio_user0,path={sock},queues=1,queue_size=256",
             ["--forward-mode=txonly", f"--txpkts={size}", "--auto-start"],
-            prefix=f"gen-{uuid.uuid4().hex[:6]}", cores=f"{BACKEND_CORE},{GUEST_CORE}",
+            prefix=f"gen-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+            main_lcore=int(BACKEND_CORE),  # its forwarding lcore is then the guest's core
         )  # fmt: skip
         time.sleep(3)  # link up, forwarding started
         p0, b0 = tap_counters(netns, ifname)

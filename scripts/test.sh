@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-apt_install "${GUEST_PACKAGES[@]}" dpdk
+apt_install "${GUEST_PACKAGES[@]}" dpdk dpdk-dev  # dpdk-testpmd is in dpdk-dev
 python_env '.[test]'
 
 echo "==> ruff"

@@ -84,7 +84,7 @@ def testpmd_binary() -> str:
     path = shutil.which("dpdk-testpmd")
     if path is None:
         raise FileNotFoundError(
-            "dpdk-testpmd not found: install Debian's dpdk package (scripts/test.sh does)"
+            "dpdk-testpmd not found: install Debian's dpdk-dev package (scripts/test.sh does)"
         )
     return path
 
@@ -103,11 +103,13 @@ class Testpmd:
         cores: str = "0-1",
         taskset: str | None = None,
         extra_vdevs: list[str] | tuple[str, ...] = (),
+        main_lcore: int | None = None,
     ) -> None:
         cmd = [
             testpmd_binary(),
             "-l",
             cores,
+            *(["--main-lcore", str(main_lcore)] if main_lcore is not None else []),
             "--in-memory",
             "--single-file-segments",
             "--no-pci",
