@@ -311,6 +311,10 @@ class NetFrontend:
                 frames.append(frame if with_header else frame[self.hdr_size :])
             if len(frames) >= count:
                 break
+            if len(ring.slots) >= 32:
+                self.post_rx(
+                    pair
+                )  # hand read buffers back before sleeping: the device may be starved
             if ring.queue.enable_interrupts():
                 continue  # buffers came back while we re-armed: no sleep
             left = deadline - time.monotonic()
