@@ -125,6 +125,8 @@ class Testpmd:
         ]
         if taskset:
             cmd = ["taskset", "-c", taskset, *cmd]
+        # Line-buffered: on a pipe testpmd's stdio would hold back "Press enter to exit".
+        cmd = ["stdbuf", "-oL", "-eL", *cmd]
         self.cmd = cmd
         self.proc = subprocess.Popen(
             cmd,
@@ -135,6 +137,21 @@ class Testpmd:
             start_new_session=True,
         )
         self.output = ""
+
+    def wait_started(self, timeout: float = 30) -> None:
+        """Read testpmd's output until it is forwarding (its ports configured)."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while "Press enter to exit" not in self.output:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"testpmd did not start:\n{self.output[-3000:]}")
+            # Raw reads: testpmd leaves lines open ("Checking link statuses...")
+            # while it waits, up to 9 s, for a vhost link.
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                self.output += os.read(self.proc.stdout.fileno(), 65536).decode(errors="replace")
 
     def wait_for_socket(self, path: str, timeout: float = 30) -> None:
         wait_for(
@@ -148,7 +165,8 @@ class Testpmd:
     def stop(self, timeout: float = 30) -> PortStats:
         """Newline on stdin: testpmd stops forwarding, prints statistics, exits."""
         try:
-            self.output, _ = self.proc.communicate("\n", timeout=timeout)
+            rest, _ = self.proc.communicate("\n", timeout=timeout)
+            self.output += rest
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.output, _ = self.proc.communicate()
