@@ -101,6 +101,7 @@ class GuestSetup:
                 prefix=f"bench-{uuid.uuid4().hex[:6]}",
                 cores=f"{GUEST_CORE},{BACKEND_CORE}",
                 extra_vdevs=[f"net_tap0,iface={self.ifname}"],
+                netns=self.netns.name,
             )
             self.testpmd.wait_for_socket(self.sock)
             self.backend_pid = self.testpmd.proc.pid
@@ -125,8 +126,9 @@ class GuestSetup:
         time.sleep(0.5)
         self.guest.run(f"ping -c 2 -W 2 {HOST_IP}", timeout=30, check=False)
 
-    def _adopt(self) -> None:
-        ip("link", "set", "dev", self.ifname, "netns", self.netns.name)
+    def _adopt(self, move: bool = True) -> None:
+        if move:
+            ip("link", "set", "dev", self.ifname, "netns", self.netns.name)
         self.netns.ip("link", "set", "dev", self.ifname, "address", HOST_MAC)
         self.netns.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", self.ifname)
         self.netns.ip("link", "set", "dev", self.ifname, "up")
@@ -138,7 +140,10 @@ class GuestSetup:
             f"iperf3 -c {HOST_IP} -t {seconds} -J {'-R' if reverse else ''}", timeout=seconds + 60
         )
         cpu = cpu_seconds(self.backend_pid, self.backend_tid) - cpu0
-        end = json.loads(out[out.index("{") :])["end"]
+        result = json.loads(out[out.index("{") :])
+        if "error" in result:
+            raise RuntimeError(f"{self.kind}: iperf3 in the guest: {result['error']}")
+        end = result["end"]
         gbits = end["sum_received"]["bits_per_second"] / 1e9
         gbytes = end["sum_received"]["bytes"] / 1e9
         return gbits, cpu / gbytes
@@ -157,7 +162,11 @@ class GuestSetup:
 
 
 def bench_throughput(args, image, workdir: Path) -> dict:
-    kinds = ["pyvhost", "qemu-tap", "dpdk"]
+    # DPDK as a guest's backend: with Debian's QEMU 7.2 and DPDK 22.11 the
+    # guest's frames reach testpmd and its TAP, but testpmd's vhost port drops
+    # every frame for the guest (it does not see the RX ring usable), so the
+    # guest never resolves ARP. It stays behind --dpdk-guest; see BENCHMARKS.md.
+    kinds = ["pyvhost", "qemu-tap"] + (["dpdk"] if args.dpdk_guest else [])
     results = {k: {"to_host": [], "to_guest": [], "cpu_per_gb": []} for k in kinds}
     for r in range(args.repeats):
         for kind in kinds:
@@ -377,6 +386,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--only", default="throughput,pps,tso,latency")
+    ap.add_argument(
+        "--dpdk-guest",
+        action="store_true",
+        help="also run the guest through testpmd vhost+tap (fails here, see doc)",
+    )
     args = ap.parse_args()
     which = set(args.only.split(","))
     if os.geteuid() != 0:
@@ -429,7 +443,7 @@ def report(results: dict) -> None:
             k = t[kind]
             print(f"  {kind:9} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
                   f"  cpu/GB {k['cpu_per_gb']['median']:.2f}")  # fmt: skip
-        for anchor in ("qemu-tap", "dpdk"):
+        for anchor in [a for a in ("qemu-tap", "dpdk") if a in t]:
             for d in ("to_host", "to_guest"):
                 ratio = t["pyvhost"][d]["median"] / t[anchor][d]["median"]
                 ratios[f"iperf3 {d.replace('_', ' ')} vs {anchor}"] = ratio

@@ -104,6 +104,7 @@ class Testpmd:
         taskset: str | None = None,
         extra_vdevs: list[str] | tuple[str, ...] = (),
         main_lcore: int | None = None,
+        netns: str | None = None,
     ) -> None:
         cmd = [
             testpmd_binary(),
@@ -127,6 +128,8 @@ class Testpmd:
             cmd = ["taskset", "-c", taskset, *cmd]
         # Line-buffered: on a pipe testpmd's stdio would hold back "Press enter to exit".
         cmd = ["stdbuf", "-oL", "-eL", *cmd]
+        if netns:  # its tap PMD's interface is then born there (moving it loses it)
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         self.cmd = cmd
         self.proc = subprocess.Popen(
             cmd,
