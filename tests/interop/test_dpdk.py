@@ -32,17 +32,19 @@ def hugepages():
 def test_testpmd_virtio_user_frontend_drives_the_pyvhost_backend(hugepages, tmp_path):
     path = str(tmp_path / "pyvhost.sock")
     backend = PyvhostProcess(["loopback", "--socket", path], path)
-    testpmd = Testpmd(
-        f"net_virtio_user0,path={path},queues=1,queue_size=256",
-        ["--forward-mode=io", "--tx-first"],
-        prefix="pyvhost-virtio-user",
-    )
+    testpmd = None
     try:
+        testpmd = Testpmd(
+            f"net_virtio_user0,path={path},queues=1,queue_size=256",
+            ["--forward-mode=io", "--tx-first"],
+            prefix="pyvhost-virtio-user",
+        )
         # Let the tx-first burst circulate: testpmd -> pyvhost -> testpmd -> ...
         time.sleep(RUN_SECONDS)
         stats = testpmd.stop()
     finally:
-        testpmd.kill()
+        if testpmd is not None:  # a missing testpmd must not leak the backend
+            testpmd.kill()
         status, out, err = backend.stop()
     assert status == 0, err
     frames = int(re.search(r"loopback: frames=(\d+)", out).group(1))

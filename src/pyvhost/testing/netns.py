@@ -44,7 +44,11 @@ class NetNamespace:
     def __init__(self, prefix: str = "pyvhost") -> None:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         ip("netns", "add", self.name)
-        self.ip("link", "set", "lo", "up")
+        try:
+            self.ip("link", "set", "lo", "up")
+        except BaseException:
+            self.delete()  # made but unusable: not left behind
+            raise
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return ip("-n", self.name, *args, check=check)
