@@ -10,6 +10,7 @@ import time
 from pyvhost.devices.net import spec
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.stats import fetch
+from pyvhost.testing.frames import gso_header, tcp4_frame
 from pyvhost.testing.processes import wait_for
 
 from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
@@ -32,39 +33,6 @@ def receive_ours(fe: NetFrontend, n: int, pair: int = 0, timeout: float = 5.0, *
             if ours(f[fe.hdr_size :] if kw.get("with_header") else f):
                 got.append(f)
     return got
-
-
-def tcp4_frame(payload_len: int, src: bytes, dst: bytes) -> bytes:
-    """Ethernet + IPv4 + TCP with `payload_len` bytes of patterned payload."""
-    payload = bytes(i % 251 for i in range(payload_len))
-    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
-    total = 20 + len(tcp) + payload_len
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        total,
-        1,
-        0x4000,
-        64,
-        6,
-        0,
-        bytes([10, 0, 0, 2]),
-        bytes([10, 0, 0, 1]),
-    )
-    csum = 0
-    for i in range(0, 20, 2):
-        csum += int.from_bytes(ip[i : i + 2], "big")
-    csum = (csum & 0xFFFF) + (csum >> 16)
-    ip = ip[:10] + struct.pack("!H", ~csum & 0xFFFF) + ip[12:]
-    return dst + src + b"\x08\x00" + ip + tcp + payload
-
-
-def gso_header(hdr_size: int, num_buffers: int = 0) -> bytes:
-    """NEEDS_CSUM over TCP, TSO4 segments of 1448 bytes."""
-    return spec.HDR.pack(spec.HDR_F_NEEDS_CSUM, spec.GSO_TCPV4, 54, 1448, 34, 16, num_buffers)[
-        :hdr_size
-    ]
 
 
 # --- TX and RX -----------------------------------------------------------------------------
