@@ -265,6 +265,75 @@ def pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, 
             backend.stop()
 
 
+def bench_rx_pps(args, workdir: Path) -> dict:
+    results: dict = {}
+    for r in range(args.repeats):
+        for size in (64, 1500):
+            for kind in ("pyvhost", "dpdk"):
+                print(f"  receive packet rate run {r + 1}/{args.repeats}: {kind}, "
+                      f"{size}-byte frames", flush=True)  # fmt: skip
+                mpps, gen = rx_pps_once(kind, size, args.seconds, workdir)
+                d = results.setdefault(f"{kind}/{size}", {"mpps": [], "gen_mpps": []})
+                d["mpps"].append(mpps)
+                d["gen_mpps"].append(gen)
+    return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
+
+
+def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, float]:
+    """Frames injected into the TAP (testpmd's af_packet PMD, txonly) that reach a
+    testpmd virtio_user front-end in rxonly mode, through the backend under test."""
+    ifname = f"pb{uuid.uuid4().hex[:8]}"
+    sock = str(workdir / f"rx-{kind}-{uuid.uuid4().hex[:6]}.sock")
+    backend = receiver = gen = None
+    try:
+        if kind == "pyvhost":
+            backend = PyvhostProcess(
+                ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock
+            )
+            pin(backend.pid, BACKEND_CORE)
+        else:
+            backend = Testpmd(
+                f"net_vhost0,iface={sock},queues=1", ["--forward-mode=io", "--auto-start"],
+                prefix=f"bench-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+                extra_vdevs=[f"net_tap0,iface={ifname}"],
+            )  # fmt: skip
+            backend.wait_for_socket(sock)
+            wait_for(lambda: link_exists(ifname), 20, "testpmd's TAP")
+        subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=1"],
+                       capture_output=True)  # fmt: skip
+        ip("link", "set", "dev", ifname, "up")
+        # The receiver and the generator share core 0; the backend has core 1.
+        receiver = Testpmd(
+            f"net_virtio_user0,path={sock},queues=1,queue_size=256",
+            ["--forward-mode=rxonly", "--auto-start"],
+            prefix=f"rx-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+            main_lcore=int(BACKEND_CORE),
+        )  # fmt: skip
+        receiver.wait_started()
+        gen = Testpmd(
+            f"net_af_packet0,iface={ifname},qdisc_bypass=1,framecnt=4096",
+            ["--forward-mode=txonly", f"--txpkts={size}", "--auto-start"],
+            prefix=f"gen-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+            main_lcore=int(BACKEND_CORE),
+        )  # fmt: skip
+        gen.wait_started()
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        gen_stats = gen.stop()
+        elapsed = time.monotonic() - t0
+        time.sleep(0.5)  # let the backend drain what is queued
+        rx_stats = receiver.stop()
+        return rx_stats.rx_packets / elapsed / 1e6, gen_stats.tx_packets / elapsed / 1e6
+    finally:
+        for t in (gen, receiver):
+            if t is not None:
+                t.kill()
+        if isinstance(backend, Testpmd):
+            backend.kill()
+        elif backend is not None:
+            backend.stop()
+
+
 # --- 3. large frames and 5. latency (the Python front-end as the guest) ------------------
 
 
@@ -387,7 +456,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--only", default="throughput,pps,tso,latency")
+    ap.add_argument("--only", default="throughput,pps,rxpps,tso,latency")
     ap.add_argument(
         "--dpdk-guest",
         action="store_true",
@@ -412,7 +481,7 @@ def main() -> int:
                      "pinning": {"guest": GUEST_CORE, "backend": BACKEND_CORE}}  # fmt: skip
     pages = None
     try:
-        if which & {"throughput", "pps"}:
+        if which & {"throughput", "pps", "rxpps"}:
             pages = Hugepages(1024)  # two testpmds at once (backend and generator), -m 512 each
         if "throughput" in which:
             print("1. guest throughput (iperf3 TCP, one TCG guest)")
@@ -420,6 +489,9 @@ def main() -> int:
         if "pps" in which:
             print("2. packet rate into the TAP (testpmd virtio_user txonly as the generator)")
             results["pps"] = bench_pps(args, workdir)
+        if "rxpps" in which:
+            print("2b. packet rate out of the TAP (af_packet txonly in, virtio_user rxonly out)")
+            results["rx_pps"] = bench_rx_pps(args, workdir)
         if "tso" in which:
             print("3. 64 KiB TSO frames, Python front-end through pyvhost")
             sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -460,6 +532,15 @@ def report(results: dict) -> None:
             ratio = p[f"pyvhost/{size}"]["mpps"]["median"] / p[f"dpdk/{size}"]["mpps"]["median"]
             ratios[f"{size}-byte pps vs dpdk"] = ratio
             print(f"  pyvhost/dpdk {size}-byte: {ratio:.2f}")
+    if "rx_pps" in results:
+        p = results["rx_pps"]
+        print("Packet rate from the TAP to the front-end, Mpps (generator's rate in brackets)")
+        for key, d in p.items():
+            print(f"  {key:13} {fmt(d['mpps'], digits=3)}  [gen {d['gen_mpps']['median']:.3f}]")
+        for size in (64, 1500):
+            a, b = p[f"pyvhost/{size}"]["mpps"]["median"], p[f"dpdk/{size}"]["mpps"]["median"]
+            ratios[f"{size}-byte rx pps vs dpdk"] = a / b
+            print(f"  pyvhost/dpdk {size}-byte receive: {a / b:.2f}")
     if "tso" in results:
         s = results["tso"]
         print(f"64 KiB TSO frames: to host {fmt(s['to_host_gbits'])} Gbit/s, "
