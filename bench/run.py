@@ -205,31 +205,55 @@ def bench_pps(args, workdir: Path) -> dict:
     return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
 
 
+def start_tap_backend(kind: str, ifname: str, sock: str):
+    """The backend under test on a TAP in this namespace: (process, its PID).
+
+    The TAP needs no address, so it stays here, up, with IPv6 off so the
+    kernel adds no frames of its own.
+    """
+    if kind == "pyvhost":
+        backend = PyvhostProcess(
+            ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock
+        )
+        pin(backend.pid, BACKEND_CORE)
+        pid = backend.pid
+    else:
+        backend = Testpmd(
+            f"net_vhost0,iface={sock},queues=1", ["--forward-mode=io", "--auto-start"],
+            prefix=f"bench-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+            extra_vdevs=[f"net_tap0,iface={ifname}"],
+        )  # fmt: skip
+        try:
+            backend.wait_for_socket(sock)  # the vhost port probes first, then the tap port
+            wait_for(lambda: link_exists(ifname), 20, "testpmd's TAP")
+        except BaseException:
+            backend.kill()
+            raise
+        pid = backend.proc.pid
+    try:
+        subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=1"],
+                       capture_output=True)  # fmt: skip
+        ip("link", "set", "dev", ifname, "up")
+    except BaseException:
+        stop_backend(backend)
+        raise
+    return backend, pid
+
+
+def stop_backend(backend) -> None:
+    if isinstance(backend, Testpmd):
+        backend.kill()
+    elif backend is not None:
+        backend.stop()
+
+
 def pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, float, float]:
-    """Frames per second arriving on the TAP. The TAP needs no address, so it
-    stays in this namespace (IPv6 off, so the kernel adds no frames of its own)."""
+    """Frames per second arriving on the TAP, written there by the backend."""
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / f"pps-{kind}-{uuid.uuid4().hex[:6]}.sock")  # testpmd leaves its file
     backend = gen = None
     try:
-        if kind == "pyvhost":
-            backend = PyvhostProcess(
-                ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock
-            )
-            pin(backend.pid, BACKEND_CORE)
-            pid = backend.pid
-        else:
-            backend = Testpmd(
-                f"net_vhost0,iface={sock},queues=1", ["--forward-mode=io", "--auto-start"],
-                prefix=f"bench-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
-                extra_vdevs=[f"net_tap0,iface={ifname}"],
-            )  # fmt: skip
-            backend.wait_for_socket(sock)  # the vhost port probes first, then the tap port
-            wait_for(lambda: link_exists(ifname), 20, "testpmd's TAP")
-            pid = backend.proc.pid
-        subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=1"],
-                       capture_output=True)  # fmt: skip
-        ip("link", "set", "dev", ifname, "up")
+        backend, pid = start_tap_backend(kind, ifname, sock)
         gen = Testpmd(
             f"net_virtio_user0,path={sock},queues=1,queue_size=256",
             ["--forward-mode=txonly", f"--txpkts={size}", "--auto-start"],
@@ -259,10 +283,7 @@ def pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, 
     finally:
         if gen is not None:
             gen.kill()
-        if isinstance(backend, Testpmd):
-            backend.kill()
-        elif backend is not None:
-            backend.stop()
+        stop_backend(backend)
 
 
 def bench_rx_pps(args, workdir: Path) -> dict:
@@ -286,22 +307,7 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[floa
     sock = str(workdir / f"rx-{kind}-{uuid.uuid4().hex[:6]}.sock")
     backend = receiver = gen = None
     try:
-        if kind == "pyvhost":
-            backend = PyvhostProcess(
-                ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock
-            )
-            pin(backend.pid, BACKEND_CORE)
-        else:
-            backend = Testpmd(
-                f"net_vhost0,iface={sock},queues=1", ["--forward-mode=io", "--auto-start"],
-                prefix=f"bench-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
-                extra_vdevs=[f"net_tap0,iface={ifname}"],
-            )  # fmt: skip
-            backend.wait_for_socket(sock)
-            wait_for(lambda: link_exists(ifname), 20, "testpmd's TAP")
-        subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=1"],
-                       capture_output=True)  # fmt: skip
-        ip("link", "set", "dev", ifname, "up")
+        backend, _ = start_tap_backend(kind, ifname, sock)
         # The receiver and the generator share core 0; the backend has core 1.
         receiver = Testpmd(
             f"net_virtio_user0,path={sock},queues=1,queue_size=256",
@@ -328,10 +334,7 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[floa
         for t in (gen, receiver):
             if t is not None:
                 t.kill()
-        if isinstance(backend, Testpmd):
-            backend.kill()
-        elif backend is not None:
-            backend.stop()
+        stop_backend(backend)
 
 
 # --- 3. large frames and 5. latency (the Python front-end as the guest) ------------------
