@@ -241,7 +241,7 @@ def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.backends.tap_netdev import TapNetdev
     from pyvhost.backends.tap_options import parse_netdev
     from pyvhost.devices.net.device import VirtioNet
-    from pyvhost.stats import StatsServer
+    from pyvhost.stats import StatsServer, format_table
     from pyvhost.vhost_user.daemon import Daemon
 
     # Everything that needs nothing opened is checked first: a refusal leaves nothing.
@@ -298,14 +298,8 @@ def cmd_net(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(snapshot: dict) -> str:
-    from pyvhost.stats import format_table as fmt
-
-    return fmt(snapshot)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
-    from pyvhost.stats import fetch, stats_path
+    from pyvhost.stats import fetch, format_table, stats_path
 
     snap = fetch(args.stats_socket or stats_path(args.socket))
     print(json.dumps(snap, indent=1) if args.json else format_table(snap))

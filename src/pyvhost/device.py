@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 from pyvhost.errors import InvalidRequestError
 from pyvhost.eventloop import EventLoop
@@ -20,21 +19,14 @@ from pyvhost.virtq import SplitQueue
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class NotifyCounters:
-    sent: int = 0
-    suppressed: int = 0
-
-
 class QueueNotifier:
     """Signals the driver (the call eventfd) only when the ring's rules say so."""
 
-    __slots__ = ("queue", "call_fd", "counters")
+    __slots__ = ("queue", "call_fd")
 
     def __init__(self, queue: SplitQueue, call_fd: int | None) -> None:
         self.queue = queue
         self.call_fd = call_fd  # None: the front-end polls (no-fd flag)
-        self.counters = NotifyCounters()
 
     def notify(self) -> bool:
         """After pushing used buffers: signal if needed. True if signalled."""
@@ -43,9 +35,7 @@ class QueueNotifier:
                 os.eventfd_write(self.call_fd, 1)
             except BlockingIOError:
                 pass  # counter saturated: the driver has a wakeup pending anyway
-            self.counters.sent += 1
             return True
-        self.counters.suppressed += 1
         return False
 
 

@@ -59,10 +59,6 @@ class EventLoop:
         if fd in self._callbacks:
             self._update(fd, 1, None)
 
-    def has_reader(self, fd: int) -> bool:
-        cbs = self._callbacks.get(fd)
-        return cbs is not None and cbs[0] is not None
-
     def add_poller(self, key: object, callback: Callback) -> None:
         self._pollers[key] = callback
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from pyvhost.device import QueueNotifier
 from pyvhost.devices.net import spec
-from pyvhost.devices.net.metrics import QueueCounters
+from pyvhost.devices.net.metrics import QueueCounters, notify
 from pyvhost.eventloop import EventLoop
 from pyvhost.virtq import SplitQueue
 from pyvhost.virtq.iov import scatter, skip, write_at
@@ -161,7 +161,7 @@ class QueuePair:
                 q.push_used_batch(done)
                 done = []
         q.push_used_batch(done)
-        self._notify(self.tx_notifier, c)
+        notify(self.tx_notifier, c)
 
     def _on_tap_writable(self) -> None:
         self.loop.remove_writer(self.host.fileno())
@@ -297,13 +297,4 @@ class QueuePair:
     def _flush_rx(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
         if done:
             q.push_used_batch(done)
-            self._notify(self.rx_notifier, self.rx_counters)
-
-    @staticmethod
-    def _notify(notifier: QueueNotifier | None, c: QueueCounters) -> None:
-        if notifier is None:
-            return
-        if notifier.notify():
-            c.notifications_sent += 1
-        else:
-            c.notifications_suppressed += 1
+            notify(self.rx_notifier, self.rx_counters)

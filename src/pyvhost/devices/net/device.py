@@ -14,7 +14,7 @@ from typing import Protocol
 from pyvhost.device import QueueNotifier, VirtioDevice
 from pyvhost.devices.net import ctrl, spec
 from pyvhost.devices.net.datapath import HostQueue, QueuePair
-from pyvhost.devices.net.metrics import QueueCounters, queue_name
+from pyvhost.devices.net.metrics import QueueCounters, notify, queue_name
 from pyvhost.errors import InvalidRequestError, PyvhostError
 from pyvhost.eventloop import EventLoop
 from pyvhost.virtq import (
@@ -313,11 +313,7 @@ class VirtioNet(VirtioDevice):
                 status = ctrl.ERR
                 c.errors += 1
             q.push_used(chain.head, ctrl.ack(chain, status))
-        if self._ctrl_notifier is not None:
-            if self._ctrl_notifier.notify():
-                c.notifications_sent += 1
-            else:
-                c.notifications_suppressed += 1
+        notify(self._ctrl_notifier, c)
 
     def _need(self, bit: int, what: str) -> None:
         if not self.acked_features & _bit(bit):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pyvhost.device import QueueNotifier
+
 
 @dataclass
 class QueueCounters:
@@ -22,3 +24,13 @@ def queue_name(index: int, ctrl_index: int) -> str:
     if index == ctrl_index:
         return "ctrl"
     return f"{'rx' if index % 2 == 0 else 'tx'}{index // 2}"
+
+
+def notify(notifier: QueueNotifier | None, c: QueueCounters) -> None:
+    """Signal the driver if the ring's rules say so, and count which it was."""
+    if notifier is None:
+        return
+    if notifier.notify():
+        c.notifications_sent += 1
+    else:
+        c.notifications_suppressed += 1
