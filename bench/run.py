@@ -127,11 +127,7 @@ class GuestSetup:
         self.guest.run(f"ping -c 2 -W 2 {HOST_IP}", timeout=30, check=False)
 
     def _adopt(self, move: bool = True) -> None:
-        if move:
-            ip("link", "set", "dev", self.ifname, "netns", self.netns.name)
-        self.netns.ip("link", "set", "dev", self.ifname, "address", HOST_MAC)
-        self.netns.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", self.ifname)
-        self.netns.ip("link", "set", "dev", self.ifname, "up")
+        self.netns.adopt(self.ifname, address=f"{HOST_IP}/{PREFIX}", mac=HOST_MAC, move=move)
 
     def iperf3(self, reverse: bool, seconds: int) -> tuple[float, float]:
         """(Gbit/s, backend CPU seconds per GB)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from pyvhost.guest.image import GuestImage, ensure_image
 from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
-from pyvhost.testing.netns import NetNamespace, ip
+from pyvhost.testing.netns import NetNamespace
 from pyvhost.testing.processes import PyvhostProcess, wait_for
 
 HOST_IP = "10.0.2.1"
@@ -85,10 +85,7 @@ class Lab:
         if self.pyvhost_taskset:
             subprocess.run(["taskset", "-a", "-p", "-c", self.pyvhost_taskset,
                             str(self.pyvhost.pid)], capture_output=True, check=True)  # fmt: skip
-        ip("link", "set", "dev", self.ifname, "netns", self.netns.name)
-        self.netns.ip("link", "set", "dev", self.ifname, "address", HOST_MAC)
-        self.netns.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", self.ifname)
-        self.netns.ip("link", "set", "dev", self.ifname, "up")
+        self.netns.adopt(self.ifname, address=f"{HOST_IP}/{PREFIX}", mac=HOST_MAC)
 
     def kill_pyvhost(self) -> None:
         """SIGKILL, as a crash: no cleanup of its own (its socket file stays)."""

@@ -59,9 +59,20 @@ class NetNamespace:
     def popen(self, *cmd: str, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kwargs)
 
-    def adopt(self, ifname: str, address: str | None = None, mtu: int | None = None) -> None:
-        """Move interface `ifname` in here and bring it up (with an address, if given)."""
-        ip("link", "set", "dev", ifname, "netns", self.name)
+    def adopt(
+        self,
+        ifname: str,
+        address: str | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        move: bool = True,
+    ) -> None:
+        """Move interface `ifname` in here (unless it was born here) and bring it
+        up, with the MAC, MTU and address given."""
+        if move:
+            ip("link", "set", "dev", ifname, "netns", self.name)
+        if mac is not None:
+            self.ip("link", "set", "dev", ifname, "address", mac)
         if mtu is not None:
             self.ip("link", "set", "dev", ifname, "mtu", str(mtu))
         if address is not None:
