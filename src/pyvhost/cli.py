@@ -34,6 +34,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
 
+# Measured with bench/run.py on a TCG guest (BENCHMARKS.md, "tuning").
+DEFAULT_POLL_US = 200
+DEFAULT_TX_USECS = 1000
+DEFAULT_RX_USECS = 1000
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvhost", description="vhost-user virtio-net back-end")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--mac", default="52:54:00:12:34:56", help="the guest's MAC address")
     net.add_argument("--mtu", type=int, help="offer VIRTIO_NET_F_MTU with this MTU")
+    net.add_argument(
+        "--poll-us",
+        type=int,
+        default=DEFAULT_POLL_US,
+        metavar="N",
+        help="busy-poll a TX ring N us after its last frame before waiting for kicks "
+        f"again (default {DEFAULT_POLL_US}; 0: off, least CPU)",
+    )
+    net.add_argument(
+        "--tx-usecs",
+        type=int,
+        default=DEFAULT_TX_USECS,
+        metavar="N",
+        help="as ethtool -C tx-usecs: signal TX completions at most once per N us, "
+        f"a lone one at once (default {DEFAULT_TX_USECS}; 0: every time)",
+    )
+    net.add_argument(
+        "--rx-usecs",
+        type=int,
+        default=DEFAULT_RX_USECS,
+        metavar="N",
+        help="as ethtool -C rx-usecs: signal received frames at most once per N us, "
+        f"a lone one at once (default {DEFAULT_RX_USECS}; 0: every time)",
+    )
     net.add_argument("--user", help="drop to this user once the TAP is open")
     net.add_argument("--group", help="drop to this group once the TAP is open")
     net.add_argument(
@@ -249,6 +279,13 @@ def cmd_net(args: argparse.Namespace) -> int:
     mac = parse_mac(args.mac)
     if args.mtu is not None and not 68 <= args.mtu <= 65535:
         raise OptionError(f"--mtu {args.mtu}: must be between 68 and 65535")
+    for flag, value in (
+        ("--poll-us", args.poll_us),
+        ("--tx-usecs", args.tx_usecs),
+        ("--rx-usecs", args.rx_usecs),
+    ):
+        if not 0 <= value <= 1_000_000:
+            raise OptionError(f"{flag} {value}: must be between 0 and 1000000 microseconds")
     uid, gid = resolve_ids(args.user, args.group)
     stats_file = args.stats_socket or (args.socket + ".stats")
     check_removable(stats_file, uid, gid, "--stats-socket")
@@ -260,7 +297,14 @@ def cmd_net(args: argparse.Namespace) -> int:
     netdev = TapNetdev.open(opts)
     daemon = stats = None
     try:
-        device = VirtioNet(netdev.queues, mac=mac, mtu=args.mtu)
+        device = VirtioNet(
+            netdev.queues,
+            mac=mac,
+            mtu=args.mtu,
+            poll_us=args.poll_us,
+            tx_usecs=args.tx_usecs,
+            rx_usecs=args.rx_usecs,
+        )
         daemon = served = Daemon(device, args.socket, client=args.client)
 
         def snapshot() -> dict:

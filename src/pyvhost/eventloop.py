@@ -2,13 +2,21 @@
 
 A thin layer over selectors (epoll on Linux, level-triggered). An fd may have
 a reader and a writer callback. Pollers are callbacks run on every
-iteration, for rings the front-end asked to be polled (no kick fd).
+iteration, for rings the front-end asked to be polled (no kick fd); busy
+pollers run on every iteration too, and while there is one the loop does not
+sleep (a datapath polling its ring instead of waiting for kicks). Timers run
+a callback once at a monotonic time in nanoseconds; epoll cannot sleep less
+than a millisecond, so a timer due sooner than that is waited for by
+spinning.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import selectors
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -17,6 +25,22 @@ Callback = Callable[[], None]
 
 # While a ring is polled rather than kicked, wake up this often.
 POLL_INTERVAL = 0.001
+# epoll's resolution: a timer due within this is waited for by spinning.
+_EPOLL_RESOLUTION_NS = 1_000_000
+
+
+class Timer:
+    """A pending call_at(); cancel() makes it a no-op."""
+
+    __slots__ = ("when_ns", "callback", "cancelled")
+
+    def __init__(self, when_ns: int, callback: Callback) -> None:
+        self.when_ns = when_ns
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class EventLoop:
@@ -24,6 +48,9 @@ class EventLoop:
         self._selector = selectors.DefaultSelector()
         self._callbacks: dict[int, list[Callback | None]] = {}  # fd -> [reader, writer]
         self._pollers: dict[object, Callback] = {}
+        self._busy: dict[object, Callback] = {}
+        self._timers: list[tuple[int, int, Timer]] = []  # heap of (when_ns, seq, timer)
+        self._seq = itertools.count()
         self.stopping = False
 
     def _update(self, fd: int, slot: int, callback: Callback | None) -> None:
@@ -65,10 +92,46 @@ class EventLoop:
     def remove_poller(self, key: object) -> None:
         self._pollers.pop(key, None)
 
-    def run_once(self, timeout: float | None = None) -> None:
+    def add_busy_poller(self, key: object, callback: Callback) -> None:
+        self._busy[key] = callback
+
+    def remove_busy_poller(self, key: object) -> None:
+        self._busy.pop(key, None)
+
+    def call_at(self, when_ns: int, callback: Callback) -> Timer:
+        """Run `callback` once, at time.monotonic_ns() >= when_ns."""
+        timer = Timer(when_ns, callback)
+        heapq.heappush(self._timers, (when_ns, next(self._seq), timer))
+        return timer
+
+    def _sleep_limit(self, timeout: float | None) -> float | None:
+        if self._busy:
+            return 0
         if self._pollers:
             timeout = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
-        events = self._selector.select(timeout)
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if self._timers:
+            due_in = self._timers[0][0] - time.monotonic_ns()
+            if due_in < _EPOLL_RESOLUTION_NS:
+                return 0
+            wait = (due_in - _EPOLL_RESOLUTION_NS) / 1e9  # wake early, spin the rest
+            timeout = wait if timeout is None else min(timeout, wait)
+        return timeout
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        if not timers:
+            return
+        now = time.monotonic_ns()
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            if not timer.cancelled:
+                timer.cancelled = True  # ran: a later cancel() is harmless
+                timer.callback()
+
+    def run_once(self, timeout: float | None = None) -> None:
+        events = self._selector.select(self._sleep_limit(timeout))
         for key, mask in events:
             # An earlier callback in this batch may have unregistered this fd
             # (a front-end left and its kick fds were closed), or the number
@@ -87,6 +150,9 @@ class EventLoop:
                 cbs[1]()
         for poll in list(self._pollers.values()):
             poll()
+        for poll in list(self._busy.values()):
+            poll()
+        self._run_timers()
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float = 0.5) -> None:
         """Run until stop() (or `until()` is true)."""
@@ -99,3 +165,6 @@ class EventLoop:
     def close(self) -> None:
         self._selector.close()
         self._callbacks.clear()
+        self._pollers.clear()
+        self._busy.clear()
+        self._timers.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from pyvhost.eventloop import EventLoop
 
@@ -40,3 +41,51 @@ def test_pollers_run_every_iteration():
     loop.run_once(0)
     assert len(ticks) == 2
     loop.close()
+
+
+def test_a_timer_runs_once_and_not_before_its_time():
+    loop = EventLoop()
+    ran = []
+    due = time.monotonic_ns() + 3_000_000  # 3 ms: first epoll sleep, then a spin
+    loop.call_at(due, lambda: ran.append(time.monotonic_ns()))
+    loop.run(until=lambda: bool(ran), timeout=1.0)
+    for _ in range(3):
+        loop.run_once(0)
+    assert len(ran) == 1 and ran[0] >= due
+    loop.close()
+
+
+def test_timers_run_in_the_order_of_their_times():
+    loop = EventLoop()
+    ran = []
+    now = time.monotonic_ns()
+    loop.call_at(now + 2_000_000, lambda: ran.append("late"))
+    loop.call_at(now + 1_000_000, lambda: ran.append("early"))
+    loop.run(until=lambda: len(ran) == 2, timeout=1.0)
+    assert ran == ["early", "late"]
+    loop.close()
+
+
+def test_a_cancelled_timer_never_runs():
+    loop = EventLoop()
+    ran = []
+    timer = loop.call_at(time.monotonic_ns(), lambda: ran.append(1))
+    timer.cancel()
+    loop.run_once(0)
+    assert ran == []
+    loop.close()
+
+
+def test_a_busy_poller_keeps_the_loop_from_sleeping():
+    loop = EventLoop()
+    fd = os.eventfd(0)  # never readable
+    loop.add_reader(fd, lambda: None)
+    ticks = []
+    loop.add_busy_poller("tx0", lambda: ticks.append(1))
+    start = time.monotonic()
+    for _ in range(100):
+        loop.run_once(10.0)  # would sleep 10 s per iteration without the poller
+    assert len(ticks) == 100 and time.monotonic() - start < 5
+    loop.remove_busy_poller("tx0")
+    loop.close()
+    os.close(fd)

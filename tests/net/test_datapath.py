@@ -7,6 +7,8 @@ import signal
 import struct
 import time
 
+import pytest
+
 from pyvhost.devices.net import spec
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.stats import fetch
@@ -258,3 +260,102 @@ def test_counters_are_printed_on_sigusr1_and_at_exit(net_daemon):
     tables = [line for line in out.splitlines() if line.startswith("tx0")]
     assert len(tables) == 2  # one for SIGUSR1, one at exit
     assert tables[-1].split()[1] == "3"
+
+
+# --- busy polling and interrupt moderation ---------------------------------------------
+
+
+def queue_stats(d, name: str = "tx0") -> dict:
+    return fetch(d.sock + ".stats")["queues"][name]
+
+
+def signal_decisions(d, name: str) -> int:
+    """Times the device decided whether to signal: sent, or suppressed by the
+    driver's own request (EVENT_IDX). Moderation decides when to ask."""
+    s = queue_stats(d, name)
+    return s["notifications_sent"] + s["notifications_suppressed"]
+
+
+def test_while_busy_polling_frames_posted_without_a_kick_are_sent(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME", "--poll-us", "1000000")  # a 1 s window
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        first, *rest = guest_frames(5)
+        kicks = queue_stats(d)["kicks"]
+        fe.send(first)
+        assert recv_ours(host, 1) == [first]
+        for f in rest:
+            fe.send(f, kick=False)
+        assert recv_ours(host, 4) == rest
+        assert queue_stats(d)["kicks"] == kicks + 1
+    host.close()
+
+
+def test_without_busy_polling_a_frame_waits_for_its_kick(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME", "--poll-us", "0")
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(0.5)
+    with NetFrontend.connect(d.sock) as fe:
+        first, second = guest_frames(2)
+        fe.send(first)
+        assert recv_ours(host, 1) == [first]
+        fe.send(second, kick=False)
+        with pytest.raises(TimeoutError):
+            recv_ours(host, 1)
+        fe.kick(spec.tx_queue(0))
+        host.settimeout(5)
+        assert recv_ours(host, 1) == [second]
+    host.close()
+
+
+def test_busy_polling_ends_and_kicks_are_asked_for_again(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME", "--poll-us", "1000")
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        kicks = queue_stats(d)["kicks"]
+        for f in guest_frames(3):
+            fe.send(f)
+            time.sleep(0.1)  # far beyond the window: every frame needs its kick
+        assert len(recv_ours(host, 3)) == 3
+        assert queue_stats(d)["kicks"] == kicks + 3
+    host.close()
+
+
+def test_tx_completions_inside_the_window_are_signalled_once_at_its_end(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME", "--tx-usecs", "1000000", "--poll-us", "0")
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock) as fe:
+        for i, f in enumerate(guest_frames(4)):  # one at a time: four completions
+            fe.send(f)
+            wait_for(lambda n=i + 1: fe.tx_done() == n, 5, "a TX completion")  # at once
+        assert len(recv_ours(host, 4)) == 4
+        assert signal_decisions(d, "tx0") == 1  # the first; the rest wait
+        wait_for(lambda: signal_decisions(d, "tx0") == 2, 5, "the deferred signal")
+    host.close()
+
+
+def test_rx_is_signalled_at_once_unless_the_guest_is_streaming_out(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME", "--rx-usecs", "1000000")
+    host = netns.packet_socket(d.ifname)
+    host.settimeout(5)
+
+    def rx_signals() -> int:
+        return signal_decisions(d, "rx0")
+
+    with NetFrontend.connect(d.sock) as fe:
+        fe.post_rx()
+        for f in host_frames(3):  # request/response: each answer signalled at once
+            host.send(f)
+            assert len(receive_ours(fe, 1)) == 1
+        assert rx_signals() == 3
+        big = tcp4_frame(GSO_PAYLOAD, GUEST_MAC, HOST_MAC)
+        fe.send(big, header=gso_header(fe.hdr_size))  # now the guest streams out
+        wait_for(lambda: fe.tx_done() == 1, 5, "the TSO frame")
+        host.send(host_frames(1)[0])
+        assert len(receive_ours(fe, 1)) == 1  # the used entry is there at once...
+        assert rx_signals() == 3  # ...but its signal waits for the window's end
+        wait_for(lambda: rx_signals() == 4, 5, "the deferred RX signal")
+    host.close()

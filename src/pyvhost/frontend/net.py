@@ -246,7 +246,9 @@ class NetFrontend:
     def send(
         self, frame: bytes, pair: int = 0, header: bytes | None = None, kick: bool = True
     ) -> int:
-        """Post one frame (with a virtio-net header) on pair's TX queue."""
+        """Post one frame (with a virtio-net header) on pair's TX queue. With
+        `kick=False` the frame is published but the kick eventfd is not signalled
+        (a back-end that polls must find it on its own)."""
         ring = self.rings[spec.tx_queue(pair)]
         self._reclaim(ring)
         data = (self.header() if header is None else header) + frame
@@ -260,6 +262,8 @@ class NetFrontend:
         ring.inflight[head] = addr
         if kick:
             ring.queue.kick()
+        else:
+            ring.queue.publish()
         return head
 
     def kick(self, index: int) -> None:

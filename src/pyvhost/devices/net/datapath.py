@@ -11,18 +11,26 @@ and num_buffers says how many; frames that fit, the common case, are never
 copied. When the guest has posted no RX buffers, the TAP is not read at
 all until the guest kicks the RX queue: frames wait in the TAP's queue,
 none is dropped here.
+
+Notifications: signals to the driver go through a ModeratedNotifier (at most
+one per tx/rx window per ring, none delayed on an idle ring), and after a
+TX kick that found frames the ring is busy-polled for `poll_ns` before kicks
+are asked for again, so a guest sending a stream does not kick per frame.
+Both trade our CPU time for the guest's: see BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
 from typing import Protocol
 
 from pyvhost.device import QueueNotifier
 from pyvhost.devices.net import spec
-from pyvhost.devices.net.metrics import QueueCounters, notify
+from pyvhost.devices.net.metrics import QueueCounters, count_signal
 from pyvhost.eventloop import EventLoop
+from pyvhost.moderation import ModeratedNotifier
 from pyvhost.virtq import SplitQueue
 from pyvhost.virtq.iov import scatter, skip, write_at
 
@@ -33,6 +41,11 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 65536 + 256
 # Frames handled per readiness event before the loop serves others.
 BUDGET = 64
+# RX signals are moderated only while the guest is streaming out: this much
+# sent since the last RX signal (about one TSO frame). What comes in then is
+# mostly its ACKs, and taking them in batches is cheaper for the guest; a
+# guest doing request/response is never kept waiting for its answer.
+STREAMING_BYTES = 32 * 1024
 
 
 class HostQueue(Protocol):
@@ -50,16 +63,31 @@ class HostQueue(Protocol):
 class QueuePair:
     """RX queue 2N, TX queue 2N+1, and host queue N."""
 
-    def __init__(self, pair: int, host: HostQueue, loop: EventLoop) -> None:
+    def __init__(
+        self,
+        pair: int,
+        host: HostQueue,
+        loop: EventLoop,
+        *,
+        poll_ns: int = 0,
+        tx_window_ns: int = 0,
+        rx_window_ns: int = 0,
+    ) -> None:
         self.pair = pair
         self.host = host
         self.loop = loop
+        self.poll_ns = poll_ns
+        self.tx_window_ns = tx_window_ns
+        self.rx_window_ns = rx_window_ns
         self.rx_counters = QueueCounters()
         self.tx_counters = QueueCounters()
         self.rxq: SplitQueue | None = None
-        self.rx_notifier: QueueNotifier | None = None
+        self.rx_notifier: ModeratedNotifier | None = None
         self.txq: SplitQueue | None = None
-        self.tx_notifier: QueueNotifier | None = None
+        self.tx_notifier: ModeratedNotifier | None = None
+        self._tx_polling = False
+        self._tx_bytes_since_rx_signal = 0
+        self._tx_idle_since = 0  # busy polling: when the ring was last found empty
         self.rx_enabled = False
         self.tx_enabled = False
         self.hdr_size = spec.HDR_SIZE
@@ -79,21 +107,42 @@ class QueuePair:
         self._zero_hdr = bytes(self.hdr_size)
 
     def attach_rx(self, queue: SplitQueue, notifier: QueueNotifier) -> None:
-        self.rxq, self.rx_notifier = queue, notifier
+        c = self.rx_counters
+
+        def signalled(sent: bool) -> None:
+            count_signal(c, sent)
+            self._tx_bytes_since_rx_signal = 0
+
+        self.rxq = queue
+        self.rx_notifier = ModeratedNotifier(
+            notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
+        )
         queue.disable_notification()  # kicks only matter when starved
         self._update_reading()
 
+    def _guest_streaming(self) -> bool:
+        return self._tx_bytes_since_rx_signal >= STREAMING_BYTES
+
     def attach_tx(self, queue: SplitQueue, notifier: QueueNotifier) -> None:
-        self.txq, self.tx_notifier = queue, notifier
+        c = self.tx_counters
+        self.txq = queue
+        self.tx_notifier = ModeratedNotifier(
+            notifier, self.loop, self.tx_window_ns, lambda sent: count_signal(c, sent)
+        )
 
     def detach(self, rx: bool) -> None:
         if rx:
+            if self.rx_notifier is not None:
+                self.rx_notifier.cancel()
             self.rxq = self.rx_notifier = None
             self.rx_enabled = False
             self.rx_starved = False
             self._pending = None
             self._update_reading()
         else:
+            if self.tx_notifier is not None:
+                self.tx_notifier.cancel()
+            self._stop_tx_polling()
             self.txq = self.tx_notifier = None
             self.tx_enabled = False
             if self._tx_blocked:
@@ -118,19 +167,56 @@ class QueuePair:
 
     def process_tx_queue_event(self) -> None:
         """The guest kicked TX (or the TAP became writable again)."""
+        if self._tx_polling:
+            return  # the busy poller will see it
+        if not self.poll_ns:
+            self._drain_tx(rearm=True)
+        elif not self._drain_tx(rearm=False):
+            self._drain_tx(rearm=True)  # nothing there: wait for the next kick
+        elif self.txq is not None and not self._tx_blocked:
+            self._tx_polling = True
+            self._tx_idle_since = 0
+            self.loop.add_busy_poller(self, self._poll_tx)
+
+    def _poll_tx(self) -> None:
+        """Busy polling: drain again; after poll_ns without frames, ask for kicks."""
+        q = self.txq
+        if q is None or self._tx_blocked or q.broken is not None:
+            self._stop_tx_polling()  # detached, waiting for room, or dead until reset
+            return
+        if self._drain_tx(rearm=False):
+            self._tx_idle_since = 0
+            return
+        now = time.monotonic_ns()
+        if not self._tx_idle_since:
+            self._tx_idle_since = now
+        elif now - self._tx_idle_since >= self.poll_ns:
+            self._stop_tx_polling()
+            self._drain_tx(rearm=True)  # re-arm kicks, catching frames that raced us
+
+    def _stop_tx_polling(self) -> None:
+        if self._tx_polling:
+            self._tx_polling = False
+            self.loop.remove_busy_poller(self)
+
+    def _drain_tx(self, rearm: bool) -> int:
+        """Send every available frame; with `rearm`, ask for kicks before returning.
+        Returns how many chains were consumed."""
         q = self.txq
         if q is None or self._tx_blocked:
-            return
+            return 0
         c = self.tx_counters
         write = self.host.write_iovec
         strip = 0 if self.host.has_vnet_hdr else self.hdr_size
         hdr = self.hdr_size
         done: list[tuple[int, int]] = []
         q.disable_notification()
+        consumed = 0
+        bytes_before = c.bytes
         while True:
             chain = q.pop()
             if chain is None:
-                if q.enable_notification():
+                if rearm and q.enable_notification():
                     q.disable_notification()
                     continue
                 break
@@ -157,11 +243,15 @@ class QueuePair:
                         c.errors += 1  # e.g. EINVAL: a malformed GSO header
                         log.debug("tx%d: TAP refused a frame: %s", self.pair, e.strerror)
             done.append((chain.head, 0))
+            consumed += 1
             if len(done) >= BUDGET:
                 q.push_used_batch(done)
                 done = []
-        q.push_used_batch(done)
-        notify(self.tx_notifier, c)
+        if consumed:
+            self._tx_bytes_since_rx_signal += c.bytes - bytes_before
+            q.push_used_batch(done)
+            self.tx_notifier.completed()
+        return consumed
 
     def _on_tap_writable(self) -> None:
         self.loop.remove_writer(self.host.fileno())
@@ -297,4 +387,4 @@ class QueuePair:
     def _flush_rx(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
         if done:
             q.push_used_batch(done)
-            notify(self.rx_notifier, self.rx_counters)
+            self.rx_notifier.completed()

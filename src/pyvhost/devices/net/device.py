@@ -86,12 +86,21 @@ class VirtioNet(VirtioDevice):
         *,
         mac: bytes = DEFAULT_MAC,
         mtu: int | None = None,
+        poll_us: int = 0,
+        tx_usecs: int = 0,
+        rx_usecs: int = 0,
     ) -> None:
+        """`poll_us`: busy-poll a TX ring this long after its last frame before
+        asking for kicks again. `tx_usecs`, `rx_usecs`: signal that kind of ring
+        at most once per so many microseconds (pyvhost.moderation). 0: off."""
         if not hosts:
             raise ValueError("a virtio-net device needs at least one host queue")
         self.hosts = hosts
         self.mac = self.configured_mac = mac
         self.mtu = mtu
+        self.poll_ns = poll_us * 1000
+        self.tx_window_ns = tx_usecs * 1000
+        self.rx_window_ns = rx_usecs * 1000
         self.vnet_hdr = all(h.has_vnet_hdr for h in hosts)
         self.offloads = self.vnet_hdr and hosts[0].offload_supported(ALL_TUN_OFFLOADS)
         for h in hosts:
@@ -124,7 +133,17 @@ class VirtioNet(VirtioDevice):
 
     def attach(self, loop: EventLoop) -> None:
         super().attach(loop)
-        self.pairs = [QueuePair(i, h, loop) for i, h in enumerate(self.hosts)]
+        self.pairs = [
+            QueuePair(
+                i,
+                h,
+                loop,
+                poll_ns=self.poll_ns,
+                tx_window_ns=self.tx_window_ns,
+                rx_window_ns=self.rx_window_ns,
+            )
+            for i, h in enumerate(self.hosts)
+        ]
         self._update_tap_queues()
 
     # --- what the device offers ----------------------------------------------------
@@ -259,9 +278,13 @@ class VirtioNet(VirtioDevice):
         if self._is_ctrl(index):
             self._process_ctrl_queue_event()
         elif index % 2 == 0:
-            self.pairs[index // 2].process_rx_queue_event()
+            pair = self.pairs[index // 2]
+            pair.rx_counters.kicks += 1
+            pair.process_rx_queue_event()
         else:
-            self.pairs[index // 2].process_tx_queue_event()
+            pair = self.pairs[index // 2]
+            pair.tx_counters.kicks += 1
+            pair.process_tx_queue_event()
 
     def reset(self) -> None:
         for i in range(self.num_queues()):

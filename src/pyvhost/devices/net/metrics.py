@@ -13,6 +13,7 @@ class QueueCounters:
     bytes: int = 0
     drops: int = 0  # frames not delivered for a reason the peer caused (ring disabled, ...)
     errors: int = 0  # malformed chains, I/O errors
+    kicks: int = 0  # times the driver kicked this ring
     notifications_sent: int = 0
     notifications_suppressed: int = 0
 
@@ -26,11 +27,15 @@ def queue_name(index: int, ctrl_index: int) -> str:
     return f"{'rx' if index % 2 == 0 else 'tx'}{index // 2}"
 
 
-def notify(notifier: QueueNotifier | None, c: QueueCounters) -> None:
-    """Signal the driver if the ring's rules say so, and count which it was."""
-    if notifier is None:
-        return
-    if notifier.notify():
+def count_signal(c: QueueCounters, sent: bool) -> None:
+    """Count one decision to signal the driver: sent, or suppressed by the ring's rules."""
+    if sent:
         c.notifications_sent += 1
     else:
         c.notifications_suppressed += 1
+
+
+def notify(notifier: QueueNotifier | None, c: QueueCounters) -> None:
+    """Signal the driver if the ring's rules say so, and count which it was."""
+    if notifier is not None:
+        count_signal(c, notifier.notify())
