@@ -39,6 +39,8 @@ from pyvhost.testing.netns import NetNamespace, ip, link_exists
 from pyvhost.testing.processes import PyvhostProcess, wait_for
 
 OUT = Path(__file__).resolve().parent / "out"
+# pyvhost without busy polling and interrupt moderation (the "before" of the tuning).
+UNTUNED = ["--poll-us", "0", "--tx-usecs", "0", "--rx-usecs", "0"]
 GUEST_CORE, BACKEND_CORE = "0", "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -87,9 +89,11 @@ class GuestSetup:
     def start(self) -> None:
         extra: list[str] = []
         socket = self.sock
-        if self.kind == "pyvhost":
+        if self.kind.startswith("pyvhost"):
+            tuning = UNTUNED if self.kind == "pyvhost-untuned" else []
             self.pyvhost = PyvhostProcess(
-                ["net", "--socket", self.sock, "--netdev", f"tap,ifname={self.ifname}"], self.sock
+                ["net", "--socket", self.sock, "--netdev", f"tap,ifname={self.ifname}", *tuning],
+                self.sock,
             )
             pin(self.pyvhost.pid, BACKEND_CORE)
             self.backend_pid = self.pyvhost.pid
@@ -162,7 +166,8 @@ def bench_throughput(args, image, workdir: Path) -> dict:
     # guest's frames reach testpmd and its TAP, but testpmd's vhost port drops
     # every frame for the guest (it does not see the RX ring usable), so the
     # guest never resolves ARP. It stays behind --dpdk-guest; see BENCHMARKS.md.
-    kinds = ["pyvhost", "qemu-tap"] + (["dpdk"] if args.dpdk_guest else [])
+    kinds = ["pyvhost", "qemu-tap"] + (["pyvhost-untuned"] if args.untuned else [])
+    kinds += ["dpdk"] if args.dpdk_guest else []
     results = {k: {"to_host": [], "to_guest": [], "cpu_per_gb": []} for k in kinds}
     for r in range(args.repeats):
         for kind in kinds:
@@ -337,16 +342,25 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[floa
 
 
 def bench_tso(args, workdir: Path) -> dict:
+    out = {"pyvhost": tso_runs(args, workdir, [])}
+    if args.untuned:
+        out["pyvhost-untuned"] = tso_runs(args, workdir, UNTUNED)
+    return out
+
+
+def tso_runs(args, workdir: Path, tuning: list[str]) -> dict:
     from frames import gso_frame_and_header
     from pyvhost.frontend.net import NetFrontend
 
     res = {"to_host_gbits": [], "to_guest_gbits": []}
     for r in range(args.repeats):
-        print(f"  64 KiB TSO run {r + 1}/{args.repeats}", flush=True)
+        print(f"  64 KiB TSO run {r + 1}/{args.repeats} {' '.join(tuning)}", flush=True)
         netns = NetNamespace("pyvhost-bench")
         ifname = f"pb{uuid.uuid4().hex[:8]}"
         sock = str(workdir / "tso.sock")
-        d = PyvhostProcess(["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock)
+        d = PyvhostProcess(
+            ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}", *tuning], sock
+        )
         pin(d.pid, BACKEND_CORE)
         try:
             ip("link", "set", "dev", ifname, "netns", netns.name)
@@ -457,6 +471,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--only", default="throughput,pps,rxpps,tso,latency")
     ap.add_argument(
+        "--untuned",
+        action="store_true",
+        help="also run the guest on pyvhost without busy polling and moderation "
+        "(--poll-us 0 --tx-usecs 0 --rx-usecs 0): before and after the tuning",
+    )
+    ap.add_argument(
         "--dpdk-guest",
         action="store_true",
         help="also run the guest through testpmd vhost+tap (fails here, see doc)",
@@ -514,13 +534,16 @@ def report(results: dict) -> None:
         print("Guest throughput, Gbit/s (median of runs, min, max); backend CPU s/GB")
         for kind in t:
             k = t[kind]
-            print(f"  {kind:9} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
+            print(f"  {kind:15} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
                   f"  cpu/GB {k['cpu_per_gb']['median']:.2f}")  # fmt: skip
         for anchor in [a for a in ("qemu-tap", "dpdk") if a in t]:
             for d in ("to_host", "to_guest"):
                 ratio = t["pyvhost"][d]["median"] / t[anchor][d]["median"]
                 ratios[f"iperf3 {d.replace('_', ' ')} vs {anchor}"] = ratio
                 print(f"  pyvhost/{anchor} {d}: {ratio:.2f}")
+                if "pyvhost-untuned" in t:
+                    before = t["pyvhost-untuned"][d]["median"] / t[anchor][d]["median"]
+                    print(f"  pyvhost-untuned/{anchor} {d}: {before:.2f}")
     if "pps" in results:
         p = results["pps"]
         print("Packet rate into the TAP, Mpps (frames the generator got in, in brackets); CPU s/GB")
@@ -541,9 +564,9 @@ def report(results: dict) -> None:
             ratios[f"{size}-byte rx pps vs dpdk"] = a / b
             print(f"  pyvhost/dpdk {size}-byte receive: {a / b:.2f}")
     if "tso" in results:
-        s = results["tso"]
-        print(f"64 KiB TSO frames: to host {fmt(s['to_host_gbits'])} Gbit/s, "
-              f"to guest {fmt(s['to_guest_gbits'])} Gbit/s")  # fmt: skip
+        for kind, s in results["tso"].items():
+            print(f"64 KiB TSO frames, {kind}: to host {fmt(s['to_host_gbits'])} Gbit/s, "
+                  f"to guest {fmt(s['to_guest_gbits'])} Gbit/s")  # fmt: skip
     if "latency" in results:
         lat = results["latency"]
         print(f"Latency: median {lat['median_us']:.0f} us, p99 {lat['p99_us']:.0f} us "

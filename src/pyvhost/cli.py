@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # Measured with bench/run.py on a TCG guest (BENCHMARKS.md, "tuning").
-DEFAULT_POLL_US = 200
+DEFAULT_POLL_US = 0
 DEFAULT_TX_USECS = 1000
 DEFAULT_RX_USECS = 1000
 

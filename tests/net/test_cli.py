@@ -90,13 +90,15 @@ def test_vnet_hdr_on_where_the_kernel_lacks_it_is_an_error(monkeypatch):
     assert not link_exists("pvnohdr")
 
 
-def test_a_bad_mac_or_mtu_or_user_is_refused_before_anything_opens(tmp_path):
+def test_a_bad_mac_mtu_user_or_tuning_value_is_refused_before_anything_opens(tmp_path):
     for extra, message in (
         (["--mac", "52:54:00:12:34"], "--mac 52:54:00:12:34: expected six hex bytes"),
         (["--mac", "01:00:5e:00:00:01"], "multicast"),
         (["--mtu", "20"], "--mtu 20: must be between 68 and 65535"),
         (["--user", "no-such-user-pyvhost"], "--user no-such-user-pyvhost: no such user"),
         (["--group", "no-such-group-pyvhost"], "--group no-such-group-pyvhost: no such group"),
+        (["--poll-us", "-1"], "--poll-us -1: must be between 0 and 1000000 microseconds"),
+        (["--rx-usecs", "2000000"], "--rx-usecs 2000000: must be between 0 and 1000000"),
     ):
         r, sock = run_net(tmp_path, "tap,ifname=pvbadarg", *extra)
         assert r.returncode == 2 and message in r.stderr, r.stderr
