@@ -300,6 +300,8 @@ def test_without_busy_polling_a_frame_waits_for_its_kick(net_daemon, netns):
         first, second = guest_frames(2)
         fe.send(first)
         assert recv_ours(host, 1) == [first]
+        wait_for(lambda: fe.tx_done() == 1, 5, "the first completion")
+        time.sleep(0.3)  # let the back-end finish that kick and go back to sleep
         fe.send(second, kick=False)
         with pytest.raises(TimeoutError):
             recv_ours(host, 1)
