@@ -127,7 +127,6 @@ class EventLoop:
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
-                timer.cancelled = True  # ran: a later cancel() is harmless
                 timer.callback()
 
     def run_once(self, timeout: float | None = None) -> None:

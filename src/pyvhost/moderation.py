@@ -58,13 +58,6 @@ class ModeratedNotifier:
         else:
             self._timer = self.loop.call_at(due, self._deferred)
 
-    def flush(self) -> None:
-        """Signal now what is pending (the ring goes idle, or is stopped)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._signal(time.monotonic_ns())
-
     def cancel(self) -> None:
         """The ring is gone: drop a pending signal."""
         if self._timer is not None:

@@ -277,12 +277,12 @@ class VirtioNet(VirtioDevice):
     def queue_kicked(self, index: int) -> None:
         if self._is_ctrl(index):
             self._process_ctrl_queue_event()
-        elif index % 2 == 0:
-            pair = self.pairs[index // 2]
+            return
+        pair = self.pairs[index // 2]
+        if index % 2 == 0:
             pair.rx_counters.kicks += 1
             pair.process_rx_queue_event()
         else:
-            pair = self.pairs[index // 2]
             pair.tx_counters.kicks += 1
             pair.process_tx_queue_event()
 

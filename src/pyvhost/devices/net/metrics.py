@@ -13,7 +13,7 @@ class QueueCounters:
     bytes: int = 0
     drops: int = 0  # frames not delivered for a reason the peer caused (ring disabled, ...)
     errors: int = 0  # malformed chains, I/O errors
-    kicks: int = 0  # times the driver kicked this ring
+    kicks: int = 0  # times the ring was served for a kick (and once when it starts)
     notifications_sent: int = 0
     notifications_suppressed: int = 0
 
