@@ -66,11 +66,16 @@ class NetNamespace:
         mtu: int | None = None,
         mac: str | None = None,
         move: bool = True,
+        ipv6: bool = True,
     ) -> None:
         """Move interface `ifname` in here (unless it was born here) and bring it
-        up, with the MAC, MTU and address given."""
+        up, with the MAC, MTU and address given. Without `ipv6` the kernel sends
+        nothing on the link unprompted (no DAD, MLD or router solicitation), so
+        a test can count every frame the other side receives."""
         if move:
             ip("link", "set", "dev", ifname, "netns", self.name)
+        if not ipv6:
+            self.set_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1")
         if mac is not None:
             self.ip("link", "set", "dev", ifname, "address", mac)
         if mtu is not None:
@@ -78,6 +83,11 @@ class NetNamespace:
         if address is not None:
             self.ip("addr", "add", address, "dev", ifname)
         self.ip("link", "set", "dev", ifname, "up")
+
+    def set_sysctl(self, name: str, value: str) -> None:
+        """Write /proc/sys/`name` as seen inside the namespace."""
+        with self.entered(), open(f"/proc/sys/{name}", "w") as f:
+            f.write(value)
 
     @contextlib.contextmanager
     def entered(self):
