@@ -221,7 +221,10 @@ def start_tap_backend(kind: str, ifname: str, sock: str):
     else:
         backend = Testpmd(
             f"net_vhost0,iface={sock},queues=1", ["--forward-mode=io", "--auto-start"],
-            prefix=f"bench-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+            prefix=f"bench-{uuid.uuid4().hex[:6]}",
+            # All of it on the backend's core, as pyvhost is: the forwarding
+            # lcore, and with the main lcore EAL's interrupt and vhost threads.
+            lcores=f"0@{BACKEND_CORE},1@{BACKEND_CORE}", taskset=BACKEND_CORE,
             extra_vdevs=[f"net_tap0,iface={ifname}"],
         )  # fmt: skip
         try:
@@ -294,25 +297,46 @@ def bench_rx_pps(args, workdir: Path) -> dict:
             for kind in ("pyvhost", "dpdk"):
                 print(f"  receive packet rate run {r + 1}/{args.repeats}: {kind}, "
                       f"{size}-byte frames", flush=True)  # fmt: skip
-                mpps, gen = rx_pps_once(kind, size, args.seconds, workdir)
-                d = results.setdefault(f"{kind}/{size}", {"mpps": [], "gen_mpps": []})
-                d["mpps"].append(mpps)
-                d["gen_mpps"].append(gen)
+                run = rx_pps_once(kind, size, args.seconds, workdir)
+                d = results.setdefault(f"{kind}/{size}", {k: [] for k in run})
+                for k, v in run.items():
+                    d[k].append(v)
     return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
 
 
-def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, float]:
+# The receiver's ring: deep enough that the backend keeps delivering while the
+# receiver, which shares the generator's core, waits for its time slice.
+RX_RING = 4096
+# The TAP's queue to the backend (tun's default is 500): room for a few ms of
+# the generator's offer while the backend is busy with a batch, for both backends.
+RX_TAP_QUEUE = 10000
+
+
+def tap_tx_counters(ifname: str) -> tuple[int, int]:
+    """(tx_packets, tx_dropped) of the TAP: frames the kernel queued for the
+    backend to read, and frames it dropped because that queue was full."""
+    base = f"/sys/class/net/{ifname}/statistics"
+    with open(f"{base}/tx_packets") as p, open(f"{base}/tx_dropped") as d:
+        return int(p.read()), int(d.read())
+
+
+def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> dict:
     """Frames injected into the TAP (testpmd's af_packet PMD, txonly) that reach a
-    testpmd virtio_user front-end in rxonly mode, through the backend under test."""
+    testpmd virtio_user front-end in rxonly mode, through the backend under test.
+
+    The generator's offer is what reached the TAP: frames queued for the
+    backend plus frames dropped because the backend left the queue full. When
+    it is above what was delivered, the generator was not the bottleneck."""
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / f"rx-{kind}-{uuid.uuid4().hex[:6]}.sock")
     backend = receiver = gen = None
     try:
-        backend, _ = start_tap_backend(kind, ifname, sock)
+        backend, pid = start_tap_backend(kind, ifname, sock)
+        ip("link", "set", "dev", ifname, "txqueuelen", str(RX_TAP_QUEUE))
         # The receiver and the generator share core 0; the backend has core 1.
         receiver = Testpmd(
-            f"net_virtio_user0,path={sock},queues=1,queue_size=256",
-            ["--forward-mode=rxonly", "--auto-start"],
+            f"net_virtio_user0,path={sock},queues=1,queue_size={RX_RING}",
+            ["--forward-mode=rxonly", "--auto-start", f"--rxd={RX_RING}"],
             prefix=f"rx-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
             main_lcore=int(BACKEND_CORE),
         )  # fmt: skip
@@ -324,13 +348,22 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[floa
             main_lcore=int(BACKEND_CORE),
         )  # fmt: skip
         gen.wait_started()
-        t0 = time.monotonic()
+        # testpmd reports its counts only when it exits: the window runs from
+        # the generator's start to its stop, and the receiver then gets half a
+        # second to take what the backend still holds.
+        (q0, x0), c0, t0 = tap_tx_counters(ifname), cpu_seconds(pid), time.monotonic()
         time.sleep(seconds)
-        gen_stats = gen.stop()
-        elapsed = time.monotonic() - t0
-        time.sleep(0.5)  # let the backend drain what is queued
-        rx_stats = receiver.stop()
-        return rx_stats.rx_packets / elapsed / 1e6, gen_stats.tx_packets / elapsed / 1e6
+        gen.stop()
+        (q1, x1), c1, t1 = tap_tx_counters(ifname), cpu_seconds(pid), time.monotonic()
+        time.sleep(0.5)
+        delivered = receiver.stop().rx_packets
+        elapsed = t1 - t0
+        return {
+            "mpps": delivered / elapsed / 1e6,
+            "offered_mpps": (q1 - q0 + x1 - x0) / elapsed / 1e6,
+            "dropped_share": (x1 - x0) / max(1, q1 - q0 + x1 - x0),
+            "backend_cpu": (c1 - c0) / elapsed,
+        }
     finally:
         for t in (gen, receiver):
             if t is not None:
@@ -556,9 +589,14 @@ def report(results: dict) -> None:
             print(f"  pyvhost/dpdk {size}-byte: {ratio:.2f}")
     if "rx_pps" in results:
         p = results["rx_pps"]
-        print("Packet rate from the TAP to the front-end, Mpps (generator's rate in brackets)")
+        print(
+            "Packet rate from the TAP to the front-end, Mpps; [the generator's offer to"
+            " the TAP, the share dropped there as the backend left it full]; backend CPU"
+        )
         for key, d in p.items():
-            print(f"  {key:13} {fmt(d['mpps'], digits=3)}  [gen {d['gen_mpps']['median']:.3f}]")
+            offer, dropped = d["offered_mpps"]["median"], d["dropped_share"]["median"]
+            print(f"  {key:13} {fmt(d['mpps'], digits=3)}  [offered {offer:.3f}, dropped "
+                  f"{dropped:.0%}]  cpu {d['backend_cpu']['median']:.0%}")  # fmt: skip
         for size in (64, 1500):
             a, b = p[f"pyvhost/{size}"]["mpps"]["median"], p[f"dpdk/{size}"]["mpps"]["median"]
             ratios[f"{size}-byte rx pps vs dpdk"] = a / b

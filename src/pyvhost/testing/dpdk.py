@@ -101,6 +101,7 @@ class Testpmd:
         *,
         prefix: str = "pyvhost",
         cores: str = "0-1",
+        lcores: str | None = None,
         taskset: str | None = None,
         extra_vdevs: list[str] | tuple[str, ...] = (),
         main_lcore: int | None = None,
@@ -108,8 +109,9 @@ class Testpmd:
     ) -> None:
         cmd = [
             testpmd_binary(),
-            "-l",
-            cores,
+            # --lcores maps lcores to CPUs ("0@1,1@1": main and forwarding lcore,
+            # and with them EAL's control threads, all on CPU 1).
+            *(["--lcores", lcores] if lcores else ["-l", cores]),
             *(["--main-lcore", str(main_lcore)] if main_lcore is not None else []),
             "--in-memory",
             "--single-file-segments",
