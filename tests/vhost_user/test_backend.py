@@ -195,6 +195,46 @@ def test_a_ring_without_a_kick_fd_is_polled(session, device, ram):
     assert len(device.held[0]) == 1
 
 
+def err_signalled(fd: int) -> bool:
+    try:
+        return os.eventfd_read(fd) > 0
+    except BlockingIOError:
+        return False
+
+
+def broken_ring(session, ram, index: int):
+    """A started ring with an error eventfd, whose driver has published an
+    avail index more than a queue ahead (hostile input)."""
+    session.negotiate(protocol=ALL)
+    session.share(ram)
+    driver = session.start_ring(ram, index, size=8)
+    err = session.eventfd()
+    os.set_blocking(err, False)
+    session.send(R.SET_VRING_ERR, VringFd(index, False), [err])
+    driver.set_avail_idx(9)
+    return driver, err
+
+
+def test_a_ring_broken_on_a_kick_signals_its_error_eventfd(session, device, ram, caplog):
+    driver, err = broken_ring(session, ram, 1)
+    os.eventfd_write(driver.kick_fd, 1)  # kick() would publish its own, sane, index
+    session.run()
+    assert err_signalled(err)
+    assert "9 entries ahead" in session.backend.vrings[1].errors[0]
+
+
+def test_a_ring_broken_outside_a_kick_also_signals_its_error_eventfd(session, device, ram, caplog):
+    # A device drives its rings from host events too (a TAP with frames for an
+    # RX ring, a busy poller): the error is reported whoever found it.
+    driver, err = broken_ring(session, ram, 0)
+    queue = device.started[0][0]
+    assert queue.pop() is None
+    assert err_signalled(err)
+    queue.pop()  # still broken: reported once
+    assert not err_signalled(err)
+    assert len(session.backend.vrings[0].errors) == 1
+
+
 def test_a_kick_fd_that_is_not_an_eventfd_is_refused_and_closed(session, ram):
     session.negotiate(protocol=ALL)
     r, w = os.pipe()

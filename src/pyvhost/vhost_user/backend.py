@@ -411,6 +411,7 @@ class Backend:
             next_avail=vring.base,
             name=f"{self.device.name} ring {vring.index}",
         )
+        vring.queue.on_broken = lambda error, v=vring: self._signal_error(v, error)
         vring.notifier = QueueNotifier(vring.queue, vring.call_fd)
         vring.enabled = vring.enabled or not self.protocol_features_negotiated
         self.device.queue_started(vring.index, vring.queue, vring.notifier)
@@ -494,16 +495,13 @@ class Backend:
         self._on_kick(vring)
 
     def _on_kick(self, vring: Vring) -> None:
-        queue = vring.queue
-        if queue is None:
-            return
-        broken_before = queue.broken
-        self.device.queue_kicked(vring.index)
-        if queue.broken is not None and broken_before is None:
-            self._signal_error(vring)
+        if vring.queue is not None:
+            self.device.queue_kicked(vring.index)
 
-    def _signal_error(self, vring: Vring) -> None:
-        vring.errors.append(str(vring.queue.broken))
+    def _signal_error(self, vring: Vring, error: Exception) -> None:
+        """A ring broke (hostile or corrupt driver data): tell the front-end on the
+        ring's error eventfd; the ring stays dead until it is reset."""
+        vring.errors.append(str(error))
         if vring.err_fd is not None:
             try:
                 os.eventfd_write(vring.err_fd, 1)

@@ -27,6 +27,7 @@ memory map changes under a ring, a listener re-resolves the views.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pyvhost.errors import (
     AvailIndexError,
@@ -138,6 +139,9 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.broken: QueueError | None = None
+        # Called once, when the queue breaks, whoever was driving it (a kick, a
+        # host-side event, a busy poller): the transport tells the driver.
+        self.on_broken: Callable[[QueueError], None] | None = None
         self._memory = memory
         self._mask = size - 1
         self._pins: list[Pin] = []
@@ -449,8 +453,12 @@ class SplitQueue:
             p.release()
 
     def _break(self, error: QueueError) -> None:
+        if self.broken is not None:
+            return  # the first error is the one reported
         self.broken = error
         log.error("%s: queue broken: %s", self.name, error)
+        if self.on_broken is not None:
+            self.on_broken(error)
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else ("ready" if self.ready else "idle")
