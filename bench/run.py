@@ -42,6 +42,24 @@ OUT = Path(__file__).resolve().parent / "out"
 # pyvhost without busy polling and interrupt moderation (the "before" of the tuning).
 UNTUNED = ["--poll-us", "0", "--tx-usecs", "0", "--rx-usecs", "0"]
 GUEST_CORE, BACKEND_CORE = "0", "1"
+
+
+def pyvhost_variants(args) -> dict[str, list[str]]:
+    """pyvhost with its defaults first, then each --also (and --untuned) setting:
+    the name printed for it, and its extra `pyvhost net` options."""
+    out = {"pyvhost": []}
+    if args.untuned:
+        out["pyvhost-untuned"] = UNTUNED
+    for extra in args.also:
+        out[f"pyvhost {extra}"] = extra.split()
+    return out
+
+
+def pyvhost_net(sock: str, ifname: str, tuning: list[str] = ()) -> list[str]:
+    """`pyvhost net` on a new TAP, with a variant's options."""
+    return ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}", *tuning]
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -75,8 +93,9 @@ def summary(values: list[float]) -> dict:
 class GuestSetup:
     """A guest and the host side, through one of three backends."""
 
-    def __init__(self, kind: str, image, workdir: Path) -> None:
+    def __init__(self, kind: str, image, workdir: Path, tuning: list[str] = ()) -> None:
         self.kind = kind
+        self.tuning = list(tuning)  # pyvhost's options for this variant
         self.image = image
         self.netns = NetNamespace("pyvhost-bench")
         self.ifname = f"pb{uuid.uuid4().hex[:8]}"
@@ -90,10 +109,8 @@ class GuestSetup:
         extra: list[str] = []
         socket = self.sock
         if self.kind.startswith("pyvhost"):
-            tuning = UNTUNED if self.kind == "pyvhost-untuned" else []
             self.pyvhost = PyvhostProcess(
-                ["net", "--socket", self.sock, "--netdev", f"tap,ifname={self.ifname}", *tuning],
-                self.sock,
+                pyvhost_net(self.sock, self.ifname, self.tuning), self.sock
             )
             pin(self.pyvhost.pid, BACKEND_CORE)
             self.backend_pid = self.pyvhost.pid
@@ -166,13 +183,13 @@ def bench_throughput(args, image, workdir: Path) -> dict:
     # guest's frames reach testpmd and its TAP, but testpmd's vhost port drops
     # every frame for the guest (it does not see the RX ring usable), so the
     # guest never resolves ARP. It stays behind --dpdk-guest; see BENCHMARKS.md.
-    kinds = ["pyvhost", "qemu-tap"] + (["pyvhost-untuned"] if args.untuned else [])
-    kinds += ["dpdk"] if args.dpdk_guest else []
+    variants = pyvhost_variants(args)
+    kinds = ["pyvhost", "qemu-tap", *list(variants)[1:]] + (["dpdk"] if args.dpdk_guest else [])
     results = {k: {"to_host": [], "to_guest": [], "cpu_per_gb": []} for k in kinds}
     for r in range(args.repeats):
         for kind in kinds:
             print(f"  throughput run {r + 1}/{args.repeats}: {kind}", flush=True)
-            setup = GuestSetup(kind, image, workdir)
+            setup = GuestSetup(kind, image, workdir, variants.get(kind, []))
             try:
                 setup.start()
                 up, cpu_up = setup.iperf3(False, args.seconds)
@@ -213,9 +230,7 @@ def start_tap_backend(kind: str, ifname: str, sock: str):
     kernel adds no frames of its own.
     """
     if kind == "pyvhost":
-        backend = PyvhostProcess(
-            ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock
-        )
+        backend = PyvhostProcess(pyvhost_net(sock, ifname), sock)
         pin(backend.pid, BACKEND_CORE)
         pid = backend.pid
     else:
@@ -375,10 +390,8 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> dict:
 
 
 def bench_tso(args, workdir: Path) -> dict:
-    out = {"pyvhost": tso_runs(args, workdir, [])}
-    if args.untuned:
-        out["pyvhost-untuned"] = tso_runs(args, workdir, UNTUNED)
-    return out
+    variants = pyvhost_variants(args)
+    return {name: tso_runs(args, workdir, tuning) for name, tuning in variants.items()}
 
 
 def tso_runs(args, workdir: Path, tuning: list[str]) -> dict:
@@ -391,9 +404,7 @@ def tso_runs(args, workdir: Path, tuning: list[str]) -> dict:
         netns = NetNamespace("pyvhost-bench")
         ifname = f"pb{uuid.uuid4().hex[:8]}"
         sock = str(workdir / "tso.sock")
-        d = PyvhostProcess(
-            ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}", *tuning], sock
-        )
+        d = PyvhostProcess(pyvhost_net(sock, ifname, tuning), sock)
         pin(d.pid, BACKEND_CORE)
         try:
             ip("link", "set", "dev", ifname, "netns", netns.name)
@@ -436,13 +447,21 @@ def tso_to_guest(fe, netns: NetNamespace, ifname: str, seconds: int) -> float:
 
 
 def bench_latency(args, workdir: Path) -> dict:
+    out = {}
+    for name, tuning in pyvhost_variants(args).items():
+        print(f"  latency: {name}", flush=True)
+        out[name] = latency_run(workdir, tuning)
+    return out
+
+
+def latency_run(workdir: Path, tuning: list[str]) -> dict:
     from pyvhost.frontend.net import NetFrontend
 
     rtts: list[float] = []
     netns = NetNamespace("pyvhost-bench")
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / "lat.sock")
-    d = PyvhostProcess(["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}"], sock)
+    d = PyvhostProcess(pyvhost_net(sock, ifname, tuning), sock)
     pin(d.pid, BACKEND_CORE)
     echo = None
     try:
@@ -510,6 +529,14 @@ def main() -> int:
         "(--poll-us 0 --tx-usecs 0 --rx-usecs 0): before and after the tuning",
     )
     ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="also run pyvhost with these `pyvhost net` options (quoted; repeatable) "
+        'in the throughput, tso and latency comparisons, e.g. --also "--poll-us 200"',
+    )
+    ap.add_argument(
         "--dpdk-guest",
         action="store_true",
         help="also run the guest through testpmd vhost+tap (fails here, see doc)",
@@ -567,16 +594,16 @@ def report(results: dict) -> None:
         print("Guest throughput, Gbit/s (median of runs, min, max); backend CPU s/GB")
         for kind in t:
             k = t[kind]
-            print(f"  {kind:15} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
+            print(f"  {kind:22} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
                   f"  cpu/GB {k['cpu_per_gb']['median']:.2f}")  # fmt: skip
         for anchor in [a for a in ("qemu-tap", "dpdk") if a in t]:
             for d in ("to_host", "to_guest"):
                 ratio = t["pyvhost"][d]["median"] / t[anchor][d]["median"]
                 ratios[f"iperf3 {d.replace('_', ' ')} vs {anchor}"] = ratio
                 print(f"  pyvhost/{anchor} {d}: {ratio:.2f}")
-                if "pyvhost-untuned" in t:
-                    before = t["pyvhost-untuned"][d]["median"] / t[anchor][d]["median"]
-                    print(f"  pyvhost-untuned/{anchor} {d}: {before:.2f}")
+                for kind in [k for k in t if k.startswith("pyvhost") and k != "pyvhost"]:
+                    other = t[kind][d]["median"] / t[anchor][d]["median"]
+                    print(f"  {kind}/{anchor} {d}: {other:.2f}")
     if "pps" in results:
         p = results["pps"]
         print("Packet rate into the TAP, Mpps (frames the generator got in, in brackets); CPU s/GB")
@@ -606,9 +633,9 @@ def report(results: dict) -> None:
             print(f"64 KiB TSO frames, {kind}: to host {fmt(s['to_host_gbits'])} Gbit/s, "
                   f"to guest {fmt(s['to_guest_gbits'])} Gbit/s")  # fmt: skip
     if "latency" in results:
-        lat = results["latency"]
-        print(f"Latency: median {lat['median_us']:.0f} us, p99 {lat['p99_us']:.0f} us "
-              f"({lat['samples']} samples)")  # fmt: skip
+        for kind, lat in results["latency"].items():
+            print(f"Latency, {kind}: median {lat['median_us']:.0f} us, p99 "
+                  f"{lat['p99_us']:.0f} us ({lat['samples']} samples)")  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (OUT / f"results-{stamp}.json").write_text(json.dumps(results, indent=1))
     if ratios:
