@@ -99,7 +99,8 @@ class GuestSetup:
         self.image = image
         self.netns = NetNamespace("pyvhost-bench")
         self.ifname = f"pb{uuid.uuid4().hex[:8]}"
-        self.sock = str(workdir / f"{kind}-{uuid.uuid4().hex[:6]}.sock")  # testpmd leaves its file
+        slug = "".join(ch if ch.isalnum() else "-" for ch in kind)
+        self.sock = str(workdir / f"{slug}-{uuid.uuid4().hex[:6]}.sock")  # testpmd leaves its file
         self.backend_pid: int | None = None
         self.backend_tid: int | None = None
         self.pyvhost = self.testpmd = self.guest = None
