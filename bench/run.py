@@ -35,7 +35,7 @@ from pyvhost.guest.image import ensure_image
 from pyvhost.guest.lab import GUEST_IP, HOST_IP, HOST_MAC, PREFIX
 from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.testing.dpdk import Hugepages, Testpmd
-from pyvhost.testing.netns import NetNamespace, ip, link_exists
+from pyvhost.testing.netns import NetNamespace, ip, link_exists, set_sysctl
 from pyvhost.testing.processes import PyvhostProcess, wait_for
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -74,12 +74,17 @@ def pin(pid: int, cores: str) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], capture_output=True, check=True)
 
 
-def tap_counters(ifname: str, netns: NetNamespace | None = None) -> tuple[int, int]:
-    """(rx_packets, rx_bytes) of the TAP as the host side sees it."""
+def link_stats(ifname: str, netns: NetNamespace | None = None) -> dict:
+    """The TAP's counters ({"rx": {...}, "tx": {...}}) as the host side sees them."""
     args = ("-s", "-j", "link", "show", "dev", ifname)
     out = (netns.ip(*args) if netns else ip(*args)).stdout
-    stats = json.loads(out)[0]["stats64"]["rx"]
-    return stats["packets"], stats["bytes"]
+    return json.loads(out)[0]["stats64"]
+
+
+def tap_counters(ifname: str, netns: NetNamespace | None = None) -> tuple[int, int]:
+    """(rx_packets, rx_bytes) of the TAP as the host side sees it."""
+    rx = link_stats(ifname, netns)["rx"]
+    return rx["packets"], rx["bytes"]
 
 
 def summary(values: list[float]) -> dict:
@@ -251,8 +256,7 @@ def start_tap_backend(kind: str, ifname: str, sock: str):
             raise
         pid = backend.proc.pid
     try:
-        subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=1"],
-                       capture_output=True)  # fmt: skip
+        set_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1")
         ip("link", "set", "dev", ifname, "up")
     except BaseException:
         stop_backend(backend)
@@ -331,9 +335,8 @@ RX_TAP_QUEUE = 10000
 def tap_tx_counters(ifname: str) -> tuple[int, int]:
     """(tx_packets, tx_dropped) of the TAP: frames the kernel queued for the
     backend to read, and frames it dropped because that queue was full."""
-    base = f"/sys/class/net/{ifname}/statistics"
-    with open(f"{base}/tx_packets") as p, open(f"{base}/tx_dropped") as d:
-        return int(p.read()), int(d.read())
+    tx = link_stats(ifname)["tx"]
+    return tx["packets"], tx["dropped"]
 
 
 def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> dict:

@@ -35,6 +35,12 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
+def set_sysctl(name: str, value: str) -> None:
+    """Write /proc/sys/`name` in the calling thread's network namespace."""
+    with open(f"/proc/sys/{name}", "w") as f:
+        f.write(value)
+
+
 def link_exists(name: str, netns: str | None = None) -> bool:
     args = (["-n", netns] if netns else []) + ["link", "show", "dev", name]
     return ip(*args, check=False).returncode == 0
@@ -86,8 +92,8 @@ class NetNamespace:
 
     def set_sysctl(self, name: str, value: str) -> None:
         """Write /proc/sys/`name` as seen inside the namespace."""
-        with self.entered(), open(f"/proc/sys/{name}", "w") as f:
-            f.write(value)
+        with self.entered():
+            set_sysctl(name, value)
 
     @contextlib.contextmanager
     def entered(self):
