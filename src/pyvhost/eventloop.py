@@ -52,6 +52,9 @@ class EventLoop:
         self._timers: list[tuple[int, int, Timer]] = []  # heap of (when_ns, seq, timer)
         self._seq = itertools.count()
         self.stopping = False
+        # Called with an exception a callback raised (then the loop goes on);
+        # None: the exception propagates out of run_once.
+        self.error_handler: Callable[[Exception], None] | None = None
 
     def _update(self, fd: int, slot: int, callback: Callback | None) -> None:
         cbs = self._callbacks.get(fd, [None, None])
@@ -127,10 +130,19 @@ class EventLoop:
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
-                timer.callback()
+                self._call(timer.callback)
+
+    def _call(self, callback: Callback) -> None:
+        try:
+            callback()
+        except Exception as e:
+            if self.error_handler is None:
+                raise
+            self.error_handler(e)
 
     def run_once(self, timeout: float | None = None) -> None:
         events = self._selector.select(self._sleep_limit(timeout))
+        call = self._call
         for key, mask in events:
             # An earlier callback in this batch may have unregistered this fd
             # (a front-end left and its kick fds were closed), or the number
@@ -140,17 +152,17 @@ class EventLoop:
             if cbs is not key.data:
                 continue
             if mask & selectors.EVENT_READ and cbs[0] is not None:
-                cbs[0]()
+                call(cbs[0])
             if (
                 mask & selectors.EVENT_WRITE
                 and cbs[1] is not None
                 and self._callbacks.get(key.fd) is cbs
             ):
-                cbs[1]()
+                call(cbs[1])
         for poll in list(self._pollers.values()):
-            poll()
+            call(poll)
         for poll in list(self._busy.values()):
-            poll()
+            call(poll)
         self._run_timers()
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float = 0.5) -> None:

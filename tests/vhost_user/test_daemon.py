@@ -224,3 +224,38 @@ def test_mq_reports_queue_pairs(daemon, sock_path):
     c.set_protocol_features(mask(PF.MQ, PF.REPLY_ACK))
     assert c.get_queue_num() == 2
     c.close()
+
+
+# --- a front-end that leaves at once -------------------------------------------------------
+
+
+def setup_and_hang_up(path: str) -> None:
+    """A normal set-up (memory, kick and call for two rings) sent in one go, then
+    EOF at once: nothing waits for the back-end to read any of it."""
+    from pyvhost.vhost_user.codec import encode
+    from pyvhost.vhost_user.messages import MemoryTable, VringFd
+
+    c = VhostUserClient.connect(path)
+    ram = memfd(1 << 20, "pyvhost-test-hangup")
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(4)]
+    try:
+        desc = MemoryRegionDesc(0, 1 << 20, 0x7F0000000000, 0)
+        c.send_raw(encode(R.SET_MEM_TABLE, MemoryTable((desc,))), [ram])
+        for i, ring in enumerate((0, 1)):
+            c.send_raw(encode(R.SET_VRING_KICK, VringFd(ring, False)), [fds[2 * i]])
+            c.send_raw(encode(R.SET_VRING_CALL, VringFd(ring, False)), [fds[2 * i + 1]])
+    finally:
+        c.close()
+        for fd in [ram, *fds]:
+            os.close(fd)
+
+
+def test_a_frontend_that_hangs_up_right_after_setup_leaks_no_fd(daemon, sock_path):
+    with NetFrontend.connect(sock_path) as fe:  # warm up: the daemon's own fds settle
+        fe.post_rx()
+    wait_for(lambda: not daemon.maps("pyvhost-frontend-ram"), 5, "the first session to end")
+    baseline = daemon.fds()
+    for _ in range(50):
+        setup_and_hang_up(sock_path)
+    wait_for(lambda: daemon.fds() == baseline, 5, "the daemon's fds to return to baseline")
+    assert not daemon.maps("pyvhost-test-hangup")

@@ -27,8 +27,7 @@ from pyvhost.errors import (
     GuestMemoryError,
     InvalidRequestError,
     InvalidRingIndexError,
-    ProtocolError,
-    QueueError,
+    PyvhostError,
 )
 from pyvhost.eventloop import EventLoop
 from pyvhost.memory import FrontendAddress, GuestAddress, GuestMemory, RegionSpec
@@ -130,7 +129,10 @@ class Backend:
                 )
             log.debug("%s %s fds=%s", msg.name, msg.payload, msg.fds)
             reply = getattr(self, f"_on_{msg.name.lower()}")(msg)
-        except (ProtocolError, GuestMemoryError, QueueError) as e:
+        except PyvhostError as e:
+            # Refused: a protocol violation, bad memory, or a device that could
+            # not do what was asked (an ioctl the kernel refused). The session
+            # goes on; the front-end hears of it if it asked for an ack.
             _close_all(frame.fds)
             frame.fds.clear()
             self.errors += 1
@@ -157,12 +159,25 @@ class Backend:
         return None
 
     def close(self) -> None:
-        """The front-end is gone: stop every ring, close every fd, unmap memory."""
+        """The front-end is gone: stop every ring, close every fd, unmap memory.
+
+        Every step runs even if an earlier one raised (a device bug must not
+        keep guest RAM mapped or eventfds open); the first error is re-raised.
+        """
+        errors: list[Exception] = []
         for vring in self.vrings:
-            self._stop(vring)
-            self._close_vring_fds(vring)
-        self.device.reset()
-        self.memory.clear()
+            for step in (self._stop, self._close_vring_fds):
+                try:
+                    step(vring)
+                except Exception as e:
+                    errors.append(e)
+        for step in (self.device.reset, self.memory.clear):
+            try:
+                step()
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     # --- features and ownership ------------------------------------------------------
 
@@ -400,7 +415,7 @@ class Backend:
                 f"ring {vring.index} kicked before SET_VRING_NUM and SET_VRING_ADDR"
             )
         desc, avail, used = self._ring_guest_addresses(vring)
-        vring.queue = SplitQueue(
+        queue = SplitQueue(
             self.memory,
             vring.size,
             desc,
@@ -411,10 +426,15 @@ class Backend:
             next_avail=vring.base,
             name=f"{self.device.name} ring {vring.index}",
         )
-        vring.queue.on_broken = lambda error, v=vring: self._signal_error(v, error)
-        vring.notifier = QueueNotifier(vring.queue, vring.call_fd)
+        queue.on_broken = lambda error, v=vring: self._signal_error(v, error)
+        notifier = QueueNotifier(queue, vring.call_fd)
+        try:
+            self.device.queue_started(vring.index, queue, notifier)
+        except BaseException:
+            queue.close()  # refused (e.g. a ring the negotiated features do not have)
+            raise
+        vring.queue, vring.notifier = queue, notifier
         vring.enabled = vring.enabled or not self.protocol_features_negotiated
-        self.device.queue_started(vring.index, vring.queue, vring.notifier)
         if vring.enabled:
             self.device.queue_enabled(vring.index, True)
         self._watch_kicks(vring)

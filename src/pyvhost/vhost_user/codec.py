@@ -13,6 +13,7 @@ in it is refused.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 
 from pyvhost.errors import (
@@ -110,6 +111,16 @@ class Frame:
     @property
     def need_reply(self) -> bool:
         return bool(self.header.flags & FLAG_NEED_REPLY)
+
+    def close_fds(self) -> None:
+        """Close the fds nobody took. A handler that keeps an fd removes it from
+        `fds` first, so whoever drops a frame (handled or not) calls this."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 @dataclass

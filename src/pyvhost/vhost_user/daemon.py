@@ -23,6 +23,7 @@ from pyvhost.device import VirtioDevice
 from pyvhost.errors import PyvhostError, TransportError
 from pyvhost.eventloop import EventLoop
 from pyvhost.vhost_user.backend import Backend
+from pyvhost.vhost_user.codec import Frame
 from pyvhost.vhost_user.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Daemon:
         self.backend: Backend | None = None
         self.sessions = 0  # front-ends served so far
         self._next_connect = 0.0
+        self.loop.error_handler = self._on_loop_error
         device.attach(self.loop)
         if not client:
             self._listen()
@@ -107,25 +109,52 @@ class Daemon:
 
     def _on_control(self) -> None:
         conn, backend = self.conn, self.backend
+        frames: list[Frame] = []
         try:
-            for frame in conn.receive():
-                reply = backend.handle(frame)
+            frames = conn.receive()
+            while frames:
+                frame = frames.pop(0)
+                try:
+                    reply = backend.handle(frame)
+                finally:
+                    frame.close_fds()  # whatever the handler did not take
                 if reply is not None:
                     conn.send(reply)
         except TransportError as e:
             log.info("front-end gone: %s", e)
             self._end_session()
+        except Exception:
+            # Nothing a front-end sends may end the daemon: this session goes,
+            # the next front-end is served.
+            log.exception("session %d: unexpected error; dropping this front-end", self.sessions)
+            self._end_session()
+        finally:
+            for frame in frames:  # not reached: their fds are ours to close
+                frame.close_fds()
+
+    def _on_loop_error(self, error: Exception) -> None:
+        """A datapath callback (a kick, the TAP) raised: drop the session, serve on."""
+        log.error(
+            "session %d: unexpected error in the datapath; dropping this front-end",
+            self.sessions,
+            exc_info=error,
+        )
+        self._end_session()
 
     def _end_session(self) -> None:
-        if self.conn is None:
+        conn, backend = self.conn, self.backend
+        if conn is None:
             return
-        self.loop.remove_reader(self.conn.fileno())
-        self.backend.close()
-        self.conn.close()
-        self.conn = None
-        self.backend = None
-        if self.listener is not None:
-            self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        self.conn = self.backend = None
+        self.loop.remove_reader(conn.fileno())
+        try:
+            backend.close()
+        except Exception:
+            log.exception("releasing the session failed part-way")
+        finally:
+            conn.close()
+            if self.listener is not None:
+                self.loop.add_reader(self.listener.fileno(), self._on_accept)
 
     # --- running -------------------------------------------------------------------
 

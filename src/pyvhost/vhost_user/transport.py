@@ -34,19 +34,26 @@ class Connection:
     def receive(self) -> list[Frame]:
         """Read what is there (without blocking); return the complete frames.
 
-        Raises TransportError when the peer has closed the connection.
+        Raises TransportError when the peer has closed the connection. The
+        frames already read in this call are then dropped with their fds
+        closed: a peer that sent its set-up and hung up at once must not
+        leave its guest RAM and eventfds open here.
         """
         frames: list[Frame] = []
         while True:
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(self.reader.wanted(), _CMSG_SPACE)
+                data, ancdata, flags, _ = self.sock.recvmsg(
+                    self.reader.wanted(), _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
             except (BlockingIOError, InterruptedError):
                 return frames
             except OSError as e:
+                _drop(frames)
                 raise TransportError(f"vhost-user socket failed: {e.strerror}") from e
             fds = _fds_from(ancdata)
             if not data:
                 _close(fds)
+                _drop(frames)
                 raise TransportError("the peer closed the vhost-user socket")
             frames += self.reader.feed(data, fds, bool(flags & socket.MSG_CTRUNC))
 
@@ -93,6 +100,12 @@ def _fds_from(ancdata) -> list[int]:
             usable = len(data) - len(data) % _FD_SIZE
             fds.extend(array.array("i", data[:usable]))
     return fds
+
+
+def _drop(frames: list[Frame]) -> None:
+    for frame in frames:
+        frame.close_fds()
+    frames.clear()
 
 
 def _close(fds: list[int]) -> None:
