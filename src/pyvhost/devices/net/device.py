@@ -15,7 +15,7 @@ from pyvhost.device import QueueNotifier, VirtioDevice
 from pyvhost.devices.net import ctrl, spec
 from pyvhost.devices.net.datapath import HostQueue, QueuePair
 from pyvhost.devices.net.metrics import QueueCounters, notify, queue_name
-from pyvhost.errors import InvalidRequestError, PyvhostError
+from pyvhost.errors import InvalidRequestError, InvalidRingIndexError, PyvhostError
 from pyvhost.eventloop import EventLoop
 from pyvhost.virtq import (
     VIRTIO_F_VERSION_1,
@@ -45,13 +45,10 @@ OFFLOAD_FEATURES = (
     spec.F_GUEST_ECN,
     spec.F_CTRL_GUEST_OFFLOADS,
 )
-GUEST_OFFLOADS = {  # guest feature -> what the TAP may then hand us
-    spec.F_GUEST_CSUM: TUN_F_CSUM,
-    spec.F_GUEST_TSO4: TUN_F_TSO4,
-    spec.F_GUEST_TSO6: TUN_F_TSO6,
-    spec.F_GUEST_ECN: TUN_F_TSO_ECN,
-}
-GUEST_OFFLOAD_MASK = sum(1 << b for b in GUEST_OFFLOADS)
+# The guest's receive offloads: what the TAP may hand over (see tun_offloads).
+GUEST_OFFLOAD_MASK = sum(
+    1 << b for b in (spec.F_GUEST_CSUM, spec.F_GUEST_TSO4, spec.F_GUEST_TSO6, spec.F_GUEST_ECN)
+)
 DEFAULT_MAC = bytes.fromhex("525400123456")
 
 
@@ -75,6 +72,22 @@ class HostInterface(HostQueue, Protocol):
 
 def _bit(n: int) -> int:
     return 1 << n
+
+
+def tun_offloads(features: int) -> int:
+    """TUNSETOFFLOAD flags for the guest's receive offloads, as QEMU derives them
+    (net/tap-linux.c): TSO only with checksum offload, ECN only with TSO. The
+    kernel refuses any other combination (EINVAL)."""
+    if not features & _bit(spec.F_GUEST_CSUM):
+        return 0
+    flags = TUN_F_CSUM
+    if features & _bit(spec.F_GUEST_TSO4):
+        flags |= TUN_F_TSO4
+    if features & _bit(spec.F_GUEST_TSO6):
+        flags |= TUN_F_TSO6
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and features & _bit(spec.F_GUEST_ECN):
+        flags |= TUN_F_TSO_ECN
+    return flags
 
 
 class VirtioNet(VirtioDevice):
@@ -130,6 +143,27 @@ class VirtioNet(VirtioDevice):
 
     def _is_ctrl(self, index: int) -> bool:
         return bool(self.acked_features & _bit(spec.F_CTRL_VQ)) and index == self.ctrl_index
+
+    @property
+    def negotiated_pairs(self) -> int:
+        """Queue pairs the driver may use: all of them with MQ, else one (5.1.2)."""
+        return self.queue_pairs if self.acked_features & _bit(spec.F_MQ) else 1
+
+    def _check_ring(self, index: int) -> None:
+        """Refuse a ring that the negotiated features do not give this device."""
+        if self._is_ctrl(index) or index < 2 * self.negotiated_pairs:
+            return
+        pairs = self.negotiated_pairs
+        why = (
+            "MQ was not negotiated"
+            if not self.acked_features & _bit(spec.F_MQ)
+            else f"the device has {self.queue_pairs}"
+        )
+        raise InvalidRingIndexError(
+            f"ring {index} is not a queue of this device: it serves {pairs} queue "
+            f"pair{'s' if pairs > 1 else ''} ({why}); for more, start pyvhost with "
+            f"--netdev tap,...,queues=N"
+        )
 
     def attach(self, loop: EventLoop) -> None:
         super().attach(loop)
@@ -229,15 +263,22 @@ class VirtioNet(VirtioDevice):
             p.configure(features)
 
     def _apply_guest_offloads(self, features: int) -> None:
-        flags = 0
-        for bit, flag in GUEST_OFFLOADS.items():
-            if features & _bit(bit):
-                flags |= flag
-        if flags & ~TUN_F_CSUM and not flags & TUN_F_CSUM:
-            flags = 0  # segmentation offloads need checksum offload (the kernel insists)
-        if self.vnet_hdr:
-            for h in self.hosts:
+        """Tell the TAP which offloaded frames the guest takes (TUNSETOFFLOAD).
+
+        Whatever the driver negotiated, only a combination the kernel accepts is
+        asked for, as QEMU's tap code derives it: TSO needs checksum offload,
+        ECN needs TSO. Should the kernel refuse anyway, the TAP hands over
+        plain frames (always correct for the guest), and the reason is logged.
+        """
+        if not self.vnet_hdr:
+            return
+        flags = tun_offloads(features)
+        for h in self.hosts:
+            try:
                 h.set_offload(flags)
+            except PyvhostError as e:
+                log.warning("%s; the guest gets frames without offloads", e)
+                h.set_offload(0)
 
     def _update_tap_queues(self) -> None:
         """A TAP queue takes frames only while its pair's RX ring is in use.
@@ -250,6 +291,7 @@ class VirtioNet(VirtioDevice):
             h.set_queue_attached(in_use or self.queue_pairs == 1)
 
     def queue_started(self, index: int, queue: SplitQueue, notifier: QueueNotifier) -> None:
+        self._check_ring(index)
         if self._is_ctrl(index):
             self._ctrlq, self._ctrl_notifier = queue, notifier
             if self.acked_features & _bit(spec.F_MQ):
