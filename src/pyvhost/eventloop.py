@@ -50,6 +50,7 @@ class EventLoop:
         self._pollers: dict[object, Callback] = {}
         self._busy: dict[object, Callback] = {}
         self._timers: list[tuple[int, int, Timer]] = []  # heap of (when_ns, seq, timer)
+        self._soon: list[Callback] = []  # run once, at the next iteration
         self._seq = itertools.count()
         self.stopping = False
         # Called with an exception a callback raised (then the loop goes on);
@@ -101,6 +102,11 @@ class EventLoop:
     def remove_busy_poller(self, key: object) -> None:
         self._busy.pop(key, None)
 
+    def call_soon(self, callback: Callback) -> None:
+        """Run `callback` once at the next iteration, after the fds that are ready:
+        a handler that used up its budget yields to the others this way."""
+        self._soon.append(callback)
+
     def call_at(self, when_ns: int, callback: Callback) -> Timer:
         """Run `callback` once, at time.monotonic_ns() >= when_ns."""
         timer = Timer(when_ns, callback)
@@ -108,7 +114,7 @@ class EventLoop:
         return timer
 
     def _sleep_limit(self, timeout: float | None) -> float | None:
-        if self._busy:
+        if self._busy or self._soon:
             return 0
         if self._pollers:
             timeout = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
@@ -163,6 +169,10 @@ class EventLoop:
             call(poll)
         for poll in list(self._busy.values()):
             call(poll)
+        if self._soon:
+            soon, self._soon = self._soon, []
+            for callback in soon:
+                call(callback)
         self._run_timers()
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float = 0.5) -> None:
@@ -179,3 +189,4 @@ class EventLoop:
         self._pollers.clear()
         self._busy.clear()
         self._timers.clear()
+        self._soon.clear()

@@ -71,7 +71,8 @@ def fetch(path: str, timeout: float = 5.0) -> dict:
             data += chunk
     except OSError as e:
         raise PyvhostError(
-            f"no pyvhost stats at {path}: {e.strerror} (is pyvhost net running with that --socket?)"
+            f"no pyvhost stats at {path}: {e.strerror or e} "
+            "(is pyvhost net running with that --socket?)"
         ) from e
     finally:
         s.close()

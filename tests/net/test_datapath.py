@@ -4,12 +4,14 @@ socket in a network namespace plays the host."""
 from __future__ import annotations
 
 import signal
+import socket
 import struct
 import time
 
 import pytest
 
 from pyvhost.devices.net import spec
+from pyvhost.devices.net.datapath import TX_BUDGET
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.stats import fetch
 from pyvhost.testing.frames import gso_header, tcp4_frame
@@ -18,6 +20,7 @@ from pyvhost.testing.processes import wait_for
 from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
 
 GSO_PAYLOAD = 64000
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (we are root)
 
 
 def host_frames(n: int, size: int = 100) -> list[bytes]:
@@ -308,6 +311,25 @@ def test_without_busy_polling_a_frame_waits_for_its_kick(net_daemon, netns):
         fe.kick(spec.tx_queue(0))
         host.settimeout(5)
         assert recv_ours(host, 1) == [second]
+    host.close()
+
+
+@pytest.mark.parametrize("poll_us", ["0", "1000"])
+def test_a_burst_beyond_the_tx_budget_is_sent_whole_after_one_kick(net_daemon, netns, poll_us):
+    """More frames than one drain may take (TX_BUDGET) behind a single kick:
+    the rest go out after the loop's other work, with no kick needed."""
+    d = net_daemon("tap,ifname=IFNAME", "--poll-us", poll_us)
+    host = netns.packet_socket(d.ifname)
+    host.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)  # room for it all
+    host.settimeout(5)
+    with NetFrontend.connect(d.sock, queue_size=1024) as fe:
+        sent = guest_frames(TX_BUDGET + 100)
+        for f in sent:
+            fe.send(f, kick=False)
+        kicks = queue_stats(d)["kicks"]
+        fe.kick(spec.tx_queue(0))
+        assert recv_ours(host, len(sent)) == sent
+        assert queue_stats(d)["kicks"] == kicks + 1
     host.close()
 
 

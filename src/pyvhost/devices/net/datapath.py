@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 65536 + 256
 # Frames handled per readiness event before the loop serves others.
 BUDGET = 64
+# TX chains sent per kick (or poll) before yielding to the loop, as QEMU's
+# tx_burst: a guest that refills its ring as fast as we drain it must not
+# starve the control socket, the other rings or the stats socket.
+TX_BUDGET = 256
 # RX signals are moderated only while the guest is streaming out: this much
 # sent since the last RX signal (about one TSO frame). What comes in then is
 # mostly its ACKs, and taking them in batches is cheaper for the guest; a
@@ -86,6 +90,7 @@ class QueuePair:
         self.txq: SplitQueue | None = None
         self.tx_notifier: ModeratedNotifier | None = None
         self._tx_polling = False
+        self._tx_resume_pending = False  # a budget-limited drain is to continue
         self._tx_bytes_since_rx_signal = 0
         self._tx_idle_since = 0  # busy polling: when the ring was last found empty
         self.rx_enabled = False
@@ -170,13 +175,25 @@ class QueuePair:
         if self._tx_polling:
             return  # the busy poller will see it
         if not self.poll_ns:
-            self._drain_tx(rearm=True)
+            self._drain_tx_and_rearm()
         elif not self._drain_tx(rearm=False):
-            self._drain_tx(rearm=True)  # nothing there: wait for the next kick
+            self._drain_tx_and_rearm()  # nothing there: wait for the next kick
         elif self.txq is not None and not self._tx_blocked:
             self._tx_polling = True
             self._tx_idle_since = 0
             self.loop.add_busy_poller(self, self._poll_tx)
+
+    def _drain_tx_and_rearm(self) -> None:
+        """Drain, then ask for kicks; if the budget ran out with frames left, go
+        on after the loop's other work (kicks stay disabled meanwhile, so none
+        is lost or needed)."""
+        if self._drain_tx(rearm=True) >= TX_BUDGET and not self._tx_resume_pending:
+            self._tx_resume_pending = True
+            self.loop.call_soon(self._resume_tx)
+
+    def _resume_tx(self) -> None:
+        self._tx_resume_pending = False
+        self.process_tx_queue_event()
 
     def _poll_tx(self) -> None:
         """Busy polling: drain again; after poll_ns without frames, ask for kicks."""
@@ -192,7 +209,7 @@ class QueuePair:
             self._tx_idle_since = now
         elif now - self._tx_idle_since >= self.poll_ns:
             self._stop_tx_polling()
-            self._drain_tx(rearm=True)  # re-arm kicks, catching frames that raced us
+            self._drain_tx_and_rearm()  # re-arm kicks, catching frames that raced us
 
     def _stop_tx_polling(self) -> None:
         if self._tx_polling:
@@ -200,8 +217,9 @@ class QueuePair:
             self.loop.remove_busy_poller(self)
 
     def _drain_tx(self, rearm: bool) -> int:
-        """Send every available frame; with `rearm`, ask for kicks before returning.
-        Returns how many chains were consumed."""
+        """Send the available frames, up to TX_BUDGET; with `rearm`, ask for kicks
+        before returning if the ring was emptied. Returns how many chains were
+        consumed (TX_BUDGET: there may be more; kicks are still disabled)."""
         q = self.txq
         if q is None or self._tx_blocked:
             return 0
@@ -213,7 +231,7 @@ class QueuePair:
         q.disable_notification()
         consumed = 0
         bytes_before = c.bytes
-        while True:
+        while consumed < TX_BUDGET:
             chain = q.pop()
             if chain is None:
                 if rearm and q.enable_notification():
