@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from pyvhost.guest.lab import HOST_IP
 from pyvhost.testing.processes import wait_for
 
@@ -48,6 +50,36 @@ def test_a_9000_byte_mtu_carries_jumbo_frames_unfragmented(lab):
     frames = after["packets"] - before["packets"]
     assert after["bytes"] - before["bytes"] >= 3 * 8900
     assert frames < 3 * 6  # a fragmented 8900-byte ping would be 7 frames of 1500
+
+
+# QEMU device properties users set, each turning features off: the driver
+# negotiates less, and pyvhost must serve whatever it chose. (property set,
+# feature bits it must have turned off, ping size)
+PROPERTY_SETS = {
+    "guest_tso4=off,guest_tso6=off": ((7, 8), 56),
+    "mrg_rxbuf=off": ((15,), 56),
+    "csum=off,guest_csum=off": ((0, 1), 56),
+    "event_idx=off": ((29,), 56),
+    "indirect_desc=off": ((28,), 56),
+    "rx_queue_size=1024,tx_queue_size=1024": ((), 56),
+    # ctrl_vq=off alone: the guest refuses CTRL_RX without CTRL_VQ (as with QEMU's tap)
+    "ctrl_vq=off,ctrl_rx=off,ctrl_vlan=off,ctrl_mac_addr=off,guest_announce=off": ((17,), 56),
+    "host_mtu=9000,mrg_rxbuf=off": ((15,), 8900),
+}
+
+
+@pytest.mark.parametrize("properties", list(PROPERTY_SETS))
+def test_the_guest_works_with_device_properties_users_set(lab, properties):
+    off, size = PROPERTY_SETS[properties]
+    lab = lab(device_properties=properties)
+    lab.iperf_server()
+    guest = lab.boot()
+    assert loss(ping(guest, 3, size=size)[1]) == 0
+    assert lab.iperf(reverse=True, seconds=1) > 0.01  # host -> guest: the offloads' side
+    stats = lab.stats()
+    features = int(stats["features"], 16)
+    assert not any(features & (1 << bit) for bit in off), hex(features)
+    assert lab.pyvhost.proc.poll() is None
 
 
 def test_four_queue_pairs_share_the_traffic(lab):

@@ -37,6 +37,7 @@ class Lab:
         accel: str = "tcg",
         msix: bool = False,
         host_mtu: int | None = None,
+        device_properties: str = "",
         mem: str = "512M",
         image: GuestImage | None = None,
         progress: Callable[[str], None] = lambda msg: None,
@@ -49,6 +50,7 @@ class Lab:
         self.accel = accel
         self.msix = msix
         self.host_mtu = host_mtu
+        self.device_properties = device_properties
         self.mem = mem
         self.progress = progress
         self.image = image
@@ -110,7 +112,7 @@ class Lab:
     def boot(self, extra_append: str = "", log_path: str | None = None) -> Guest:
         self.progress("booting the guest (QEMU, " + self.accel + ")")
         nic = NicOptions(self.socket, queues=self.queues, mem=self.mem, msix=self.msix,
-                         host_mtu=self.host_mtu)  # fmt: skip
+                         host_mtu=self.host_mtu, properties=self.device_properties)  # fmt: skip
         opts = VmOptions(nic, self.image, accel=self.accel, smp=self.smp,
                          ip=f"{GUEST_IP}/{PREFIX}", extra_append=extra_append,
                          taskset=self.qemu_taskset)  # fmt: skip

@@ -38,6 +38,7 @@ class NicOptions:
     msix: bool = False  # MSI-X crashes Debian's QEMU 7.2 with vhost-user under TCG
     host_mtu: int | None = None
     reconnect: int = 1
+    properties: str = ""  # more virtio-net-pci properties, e.g. "mrg_rxbuf=off,event_idx=off"
 
 
 def nic_args(o: NicOptions) -> list[str]:
@@ -48,6 +49,8 @@ def nic_args(o: NicOptions) -> list[str]:
         device += ",mq=on"
     if o.host_mtu:
         device += f",host_mtu={o.host_mtu}"
+    if o.properties:
+        device += f",{o.properties}"
     return [
         "-object", f"memory-backend-memfd,id=mem,size={o.mem},share=on",
         "-machine", "memory-backend=mem",
@@ -183,11 +186,18 @@ class Guest:
                 return status, "\n".join(out)
             out.append(line)
 
-    def stop(self, timeout: float = 10) -> int:
-        """Power off (or, failing that, end QEMU by its PID); returns QEMU's status."""
+    def stop(self, timeout: float = 5) -> int:
+        """Power off (or, failing that, end QEMU by its PID); returns QEMU's status.
+
+        Closing QEMU's stdin is no EOF on the guest's serial console, so init is
+        asked to power off as a command; a guest that does not answer is ended
+        with SIGTERM, then SIGKILL.
+        """
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()  # init reads EOF and powers off
+                self.proc.stdin.write(b"poweroff -f\n")
+                self.proc.stdin.flush()
+                self.proc.stdin.close()
             except OSError:
                 pass
             try:
@@ -195,7 +205,7 @@ class Guest:
             except subprocess.TimeoutExpired:
                 self.proc.send_signal(signal.SIGTERM)
                 try:
-                    self.proc.wait(5)
+                    self.proc.wait(2)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
