@@ -8,11 +8,14 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp /run
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
-         failover net_failover virtio_net; do
-    insmod /lib/modules/$m.ko || echo "PYVHOST-ERROR insmod $m"
-done
 arg() { sed -n "s/.*pyvhost\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+# Each role's modules, in the load order found when the image was built.
+for role in net $(arg modules | tr , ' '); do
+    while read -r m; do
+        grep -q "^$m " /proc/modules || insmod /lib/modules/$m.ko \
+            || echo "PYVHOST-ERROR insmod $m"
+    done < /lib/modules/$role.order
+done
 IP=$(arg ip)
 ip link set lo up
 n=0
