@@ -57,7 +57,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run(accel: str = "tcg", msix: bool = False, seconds: int = 5, queues: int = 1) -> int:
+def run(accel: str = "tcg", msix: bool | None = None, seconds: int = 5, queues: int = 1) -> int:
     check_prerequisites()
     progress = Progress(6)
     lab = None
@@ -80,6 +80,7 @@ def run(accel: str = "tcg", msix: bool = False, seconds: int = 5, queues: int = 
         progress.next(f"iperf3 host -> guest ({seconds} s)")
         to_guest = lab.iperf(reverse=True, seconds=seconds)
         stats = lab.stats()["queues"]
+        lab_msix = lab.msix
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         return 130
@@ -93,6 +94,7 @@ def run(accel: str = "tcg", msix: bool = False, seconds: int = 5, queues: int = 
     drops = sum(q["drops"] + q["errors"] for q in stats.values())
     rows = [
         ("boot time", f"{guest.boot_seconds:.1f} s ({accel})"),
+        ("interrupts", "MSI-X" if lab_msix else "INTx (vectors=0)"),
         ("ping loss", f"{loss} %"),
         ("ping rtt (avg)", f"{rtt:.2f} ms" if rtt is not None else "-"),
         ("guest -> host", f"{to_host:.2f} Gbit/s"),

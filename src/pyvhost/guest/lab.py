@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 
 from pyvhost.guest.image import GuestImage, ensure_image
+from pyvhost.guest.msix import msix_works
 from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.testing.netns import NetNamespace
 from pyvhost.testing.processes import PyvhostProcess, wait_for
@@ -35,7 +36,7 @@ class Lab:
         queues: int = 1,
         smp: int = 1,
         accel: str = "tcg",
-        msix: bool = False,
+        msix: bool | None = None,
         host_mtu: int | None = None,
         device_properties: str = "",
         mem: str = "512M",
@@ -72,6 +73,8 @@ class Lab:
         try:
             if self.image is None:
                 self.image = ensure_image(self.progress)
+            if self.msix is None:  # MSI-X wherever this QEMU handles it under TCG
+                self.msix = self.accel != "tcg" or msix_works(self.image, self.progress)
             self.netns = NetNamespace("pyvhost-lab")
             self.start_pyvhost()
         except BaseException:

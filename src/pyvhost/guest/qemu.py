@@ -9,6 +9,7 @@ backend with share=on) for a vhost-user back-end to map it.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import re
@@ -29,6 +30,19 @@ class GuestError(PyvhostError):
     """The guest did not boot, answer, or run a command in time."""
 
 
+@functools.cache
+def qemu_version(binary: str = QEMU) -> tuple[int, int, int]:
+    """The version of the QEMU on PATH, as (major, minor, micro)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        raise GuestError(f"{binary} not found: apt-get install qemu-system-x86") from None
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    if m is None:
+        raise GuestError(f"cannot tell {binary}'s version from: {out.strip()!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
 @dataclass
 class NicOptions:
     socket: str
@@ -39,11 +53,17 @@ class NicOptions:
     host_mtu: int | None = None
     reconnect: int = 1
     properties: str = ""  # more virtio-net-pci properties, e.g. "mrg_rxbuf=off,event_idx=off"
+    qemu_version: tuple[int, int, int] | None = None  # None: the QEMU on PATH
 
 
 def nic_args(o: NicOptions) -> list[str]:
     """The arguments for a vhost-user NIC on pyvhost (and the shared RAM it needs)."""
     vectors = 2 * o.queues + 2 if o.msix else 0
+    version = o.qemu_version or qemu_version()
+    # QEMU 9.2 deprecated reconnect= (seconds) for reconnect-ms=.
+    reconnect = (
+        f"reconnect-ms={o.reconnect * 1000}" if version >= (9, 2, 0) else f"reconnect={o.reconnect}"
+    )
     device = f"virtio-net-pci,netdev=n0,mac={o.mac},vectors={vectors}"
     if o.queues > 1:
         device += ",mq=on"
@@ -54,7 +74,7 @@ def nic_args(o: NicOptions) -> list[str]:
     return [
         "-object", f"memory-backend-memfd,id=mem,size={o.mem},share=on",
         "-machine", "memory-backend=mem",
-        "-chardev", f"socket,id=c0,path={o.socket},reconnect={o.reconnect}",
+        "-chardev", f"socket,id=c0,path={o.socket},{reconnect}",
         "-netdev", f"vhost-user,id=n0,chardev=c0,queues={o.queues}",
         "-device", device,
     ]  # fmt: skip
