@@ -153,6 +153,24 @@ def test_a_kick_reaches_the_device(session, device, ram):
     assert len(device.held[1]) == 1
 
 
+def test_a_new_call_fd_on_a_running_ring_is_signalled_once(session, ram):
+    """A signal sent to the old fd after the front-end stopped watching it
+    (QEMU 10 with MSI-X, after a back-end reconnects) must not stall the driver."""
+    session.negotiate(protocol=ALL)
+    session.share(ram)
+    session.start_ring(ram, 1)
+    new = session.eventfd()
+    session.send(R.SET_VRING_CALL, VringFd(1, False), [new])
+    assert os.eventfd_read(new) == 1
+
+
+def test_a_call_fd_set_before_the_ring_starts_is_not_signalled(session):
+    fd = session.eventfd()
+    session.send(R.SET_VRING_CALL, VringFd(1, False), [fd])
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(fd)
+
+
 def test_get_vring_base_stops_the_ring_and_reports_the_next_index(session, device, ram):
     session.negotiate(protocol=ALL)
     session.share(ram)

@@ -369,6 +369,16 @@ class Backend:
         vring.call_fd = fd
         if vring.notifier is not None:
             vring.notifier.call_fd = fd
+            # The ring runs: a signal may have gone to the old fd after the
+            # front-end stopped watching it (QEMU 10 with MSI-X checks its
+            # masked notifier before a reconnected back-end has even started
+            # the ring). A spurious interrupt is harmless; a lost one stalls
+            # the driver for good under EVENT_IDX. libvhost-user does the same.
+            if fd is not None:
+                try:
+                    os.eventfd_write(fd, 1)
+                except BlockingIOError:
+                    pass
 
     def _on_set_vring_err(self, msg: Message) -> None:
         vring = self._vring(msg.payload.index, msg)
