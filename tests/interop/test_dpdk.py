@@ -83,7 +83,7 @@ def test_testpmd_virtio_user_frontend_drives_the_pyvhost_backend(hugepages, tmp_
 def test_virtio_user_asking_for_more_queue_pairs_than_offered_is_refused_not_fatal(
     hugepages, tmp_path
 ):
-    """queues=2 against one pair: rings 2 and 3 are refused by name, pair 0
+    """queues=2 against one pair: no ring beyond the pair is served, pair 0
     carries its frames to the TAP, pyvhost stays responsive under the flood,
     and exits cleanly when asked."""
     path = str(tmp_path / "pyvhost.sock")
@@ -115,8 +115,11 @@ def test_virtio_user_asking_for_more_queue_pairs_than_offered_is_refused_not_fat
             status, out, err = backend.stop()
     assert status == 0, err
     assert sent > 1000  # pair 0 works
-    assert "ring 2 is not a queue of this device" in err
     assert "Traceback" not in err
+    # DPDK 22.11 starts rings 2 and 3 anyway (refused, by name); 24.11 sees no
+    # MQ offered and keeps to one pair itself.
+    queues = int(re.search(r"RX queue number: (\d+)", testpmd.output).group(1))
+    assert queues == 1 or "ring 2 is not a queue of this device" in err
 
 
 def test_the_pyvhost_frontend_drives_testpmd_vhost_backend(hugepages, tmp_path):
@@ -126,19 +129,26 @@ def test_the_pyvhost_frontend_drives_testpmd_vhost_backend(hugepages, tmp_path):
         ["--forward-mode=io", "--auto-start"],
         prefix="pyvhost-vhost",
     )
+    probe = FRAME + b"probe"
     try:
         testpmd.wait_for_socket(path)
         sent = [FRAME + i.to_bytes(4, "big") for i in range(1000)]
         with NetFrontend.connect(path, queue_size=256) as fe:
             fe.post_rx()
+            # DPDK 24.11 drops what arrives before its port is up: wait for a
+            # probe to come back, then every frame must.
+            deadline = time.monotonic() + 15
+            while probe not in fe.receive(timeout=0.2, count=64):
+                assert time.monotonic() < deadline, "testpmd's vhost port never came up"
+                fe.send(probe)
+            fe.receive(timeout=0.5, count=64)  # probes still on their way
             got = []
             for i in range(0, len(sent), 100):
                 for f in sent[i : i + 100]:
                     fe.send(f)
-                got += fe.receive(count=100, timeout=10)
-            assert fe.tx_done() == len(sent)
+                got += [f for f in fe.receive(count=100, timeout=10) if f != probe]
         stats = testpmd.stop()
     finally:
         testpmd.kill()
     assert got == sent  # testpmd forwarded every frame back, in order, unchanged
-    assert stats.rx_packets == len(sent) and stats.tx_packets == len(sent)
+    assert stats.rx_packets >= len(sent) and stats.tx_packets >= len(sent)
