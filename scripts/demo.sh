@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the demo needs on a Debian 12 machine, then runs it: a Linux
+# Installs what the demo needs on Debian 12 or 13, then runs it: a Linux
 # guest in QEMU whose NIC is served by pyvhost, pinging and running iperf3.
 # Usage: bash scripts/demo.sh [pyvhost demo args...]   (needs root, or sudo)
 set -euo pipefail

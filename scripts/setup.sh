@@ -1,4 +1,5 @@
-# Sourced by test.sh and demo.sh: installs what pyvhost needs on Debian 12.
+# Sourced by test.sh and demo.sh: installs what pyvhost needs on Debian 12 or 13
+# (the package names below exist in both releases).
 # Debian packages (only the missing ones), then pyvhost into ./.venv.
 set -euo pipefail
 

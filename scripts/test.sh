@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs on a Debian 12 machine, then runs all of it
+# Installs what the test suite needs on Debian 12 or 13, then runs all of it
 # (unit, socket, TAP, DPDK interop and QEMU end-to-end tests).
 # Usage: bash scripts/test.sh [pytest args...]   (e.g. -m "not e2e" for the quick ones)
 # Needs root (or sudo): apt-get, TAP devices, network namespaces, hugepages.

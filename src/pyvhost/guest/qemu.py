@@ -2,9 +2,10 @@
 
 Facts of these machines (see README): KVM may not boot Linux, so TCG is the
 default; Debian 12's QEMU 7.2 crashes in vhost_net_start under TCG when a
-vhost-user virtio-net-pci device uses MSI-X, so vectors=0 (INTx, fine with
-multiqueue too) is the default; guest RAM must be shareable (a memfd
-backend with share=on) for a vhost-user back-end to map it.
+vhost-user virtio-net-pci device uses MSI-X, so whether to use MSI-X is
+decided per QEMU version (pyvhost.guest.msix; vectors=0 is INTx, fine with
+multiqueue too); guest RAM must be shareable (a memfd backend with
+share=on) for a vhost-user back-end to map it.
 """
 
 from __future__ import annotations
