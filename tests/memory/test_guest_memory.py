@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import uuid
@@ -313,6 +314,48 @@ def test_listeners_see_the_new_map_when_called():
     add(mem, 0, PAGE)
     mem.remove_region(0)
     assert seen == [True, True]
+
+
+def test_a_change_is_committed_once_after_its_regions_and_before_any_unmap(name):
+    """map_committed() is where a table kept elsewhere (the kernel's) is replaced:
+    once per change, with the removed regions still mapped."""
+    mem = GuestMemory()
+    log: list[str] = []
+    first = mem.regions
+
+    class Committer:
+        def region_added(self, region):
+            log.append("added")
+
+        def region_removed(self, region):
+            log.append("removed")
+
+        def map_committed(self):
+            log.append("commit")
+            log.extend("still mapped" for r in first if not r.is_unmapped)
+
+    mem.add_listener(Committer())
+    add(mem, 0, PAGE, name)
+    first = mem.regions
+    mem.set_regions([(RegionSpec(GuestAddress(0x100000), PAGE), memfd(PAGE))])
+    assert log == ["added", "commit", "removed", "added", "commit", "still mapped"]
+    assert first[0].is_unmapped  # and unmapped right after the commit
+    log.clear()
+    mem.clear()
+    assert log == ["removed", "commit"]
+
+
+def test_host_address_is_where_this_process_sees_the_guest_bytes(name):
+    mem = GuestMemory()
+    add(mem, 0, PAGE, name)
+    add(mem, PAGE, PAGE, name)
+    mem.write(PAGE + 100, b"vhost")
+    assert ctypes.string_at(mem.host_address(PAGE + 100, 5), 5) == b"vhost"
+    with pytest.raises(NotContiguousError):
+        mem.host_address(PAGE - 2, 4)  # adjacent regions are separate mappings
+    with pytest.raises(AddressNotMappedError):
+        mem.host_address(4 * PAGE, 1)
+    mem.clear()
 
 
 def test_a_failed_table_replacement_keeps_the_old_map_and_closes_new_fds(name):

@@ -44,7 +44,11 @@ class MemoryListener(Protocol):
     """Code that derives something from the memory map (ring views, kernel tables).
 
     Called after the new table is published: lookups inside the callbacks see
-    the map as it is now.
+    the map as it is now. A listener may also define `map_committed()`: called
+    once per change, after every region_added/region_removed of it and before
+    any removed region is unmapped. That is where a table kept elsewhere (the
+    kernel's vhost memory table) is replaced whole: it never sees a map that is
+    half old, half new, and never points at memory already unmapped.
     """
 
     def region_added(self, region: MemoryRegion) -> None: ...
@@ -139,6 +143,7 @@ class GuestMemory:
         region = MemoryRegion(spec, fd)
         self._publish(self._table.regions + (region,))
         self._notify_added([region])
+        self._notify_committed()
         return region
 
     def remove_region(self, guest_addr: int, size: int | None = None) -> MemoryRegion:
@@ -156,6 +161,7 @@ class GuestMemory:
             )
         self._publish(tuple(r for r in self._table.regions if r is not region))
         self._notify_removed([region])
+        self._notify_committed()
         region._retire()
         return region
 
@@ -183,15 +189,17 @@ class GuestMemory:
         old = self._table.regions
         self._publish(tuple(new))
         self._notify_removed(old)
+        self._notify_added(new)
+        self._notify_committed()
         for r in old:
             r._retire()
-        self._notify_added(new)
 
     def clear(self) -> None:
         """Remove every region (a frontend went away)."""
         old = self._table.regions
         self._publish(())
         self._notify_removed(old)
+        self._notify_committed()
         for r in old:
             r._retire()
 
@@ -255,6 +263,14 @@ class GuestMemory:
         regions: list[MemoryRegion] = []
         self._gather_slow(addr, length, views, write, regions)
         return Pin(addr, length, views, regions)
+
+    def host_address(self, addr: int, length: int) -> int:
+        """This process's virtual address of guest [addr, addr+length), which must
+        sit in one region: what a kernel datapath is told (it reads our mapping)."""
+        region = self.find_region(addr)
+        if addr + length > region.end:
+            raise NotContiguousError(addr, length)
+        return region.host_address + (addr - region.start)
 
     def frontend_to_guest(self, addr: int, length: int = 1) -> GuestAddress:
         """Guest address of frontend (VMM-virtual) address `addr`.
@@ -367,6 +383,12 @@ class GuestMemory:
         for r in regions:
             for listener in list(self._listeners):
                 listener.region_removed(r)
+
+    def _notify_committed(self) -> None:
+        for listener in list(self._listeners):
+            committed = getattr(listener, "map_committed", None)
+            if committed is not None:
+                committed()
 
     def __repr__(self) -> str:
         return f"GuestMemory({len(self)} regions)"

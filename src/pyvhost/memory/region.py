@@ -20,6 +20,7 @@ memory that is no longer mapped.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import mmap
@@ -83,6 +84,7 @@ class MemoryRegion:
         "spec",
         "pins",
         "state",
+        "host_address",
         "_mm",
         "_mm_ref",
         "__weakref__",
@@ -104,6 +106,9 @@ class MemoryRegion:
         base = memoryview(self._mm)
         self.view = base[delta : delta + spec.size]
         base.release()
+        # Where the region's first byte is in this process: the address a
+        # kernel datapath is given (VHOST_SET_MEM_TABLE's userspace_addr).
+        self.host_address = buffer_address(self._mm) + delta
         self._mm_ref = weakref.ref(self._mm)
         self.state = RegionState.MAPPED
 
@@ -161,6 +166,45 @@ class MemoryRegion:
             f"offset=0x{self.spec.mmap_offset:x}, {'ro' if self.readonly else 'rw'}, "
             f"{self.state.value})"
         )
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer: only `buf` is read."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def buffer_address(obj: object) -> int:
+    """The address of an object's buffer (an mmap's first byte), read-only ones too.
+
+    The buffer export is released at once: the mapping's lifetime stays the
+    region's business.
+    """
+    view = _PyBuffer()
+    if _get_buffer(obj, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE
+        raise InvalidRegionError(f"cannot take the address of {type(obj).__name__}")
+    try:
+        return view.buf
+    finally:
+        _release_buffer(ctypes.byref(view))
 
 
 def _map_file(fd: int, spec: RegionSpec) -> mmap.mmap:
