@@ -102,3 +102,14 @@ def test_more_queue_pairs_than_offered_are_refused_and_the_daemon_serves_on(net_
     out, err = d.stop()
     assert "ring 2 is not a queue of this device" in err
     host.close()
+
+
+def test_with_vhost_on_only_ring_features_the_kernel_has_are_withheld():
+    from pyvhost.devices.net.kernel import kernel_mask
+
+    supported = 1 << 15 | 1 << 28 | 1 << 32  # a kernel without EVENT_IDX, say
+    withheld = kernel_mask(supported)
+    assert withheld & (1 << 29)  # EVENT_IDX: not offered then
+    assert not withheld & (1 << 15 | 1 << 28 | 1 << 32)
+    assert not withheld & (1 << spec.F_CSUM | 1 << spec.F_CTRL_VQ)  # pyvhost's and the TAP's
+    assert "RING_EVENT_IDX" in spec.feature_names(withheld)

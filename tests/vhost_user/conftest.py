@@ -76,6 +76,7 @@ class Session:
     def __init__(self, device: VirtioDevice) -> None:
         self.device = device
         self.loop = EventLoop()
+        device.attach(self.loop)  # as the daemon does
         self.backend = Backend(device, self.loop)
         self.reader = MessageReader()
         self.owned_fds: list[int] = []

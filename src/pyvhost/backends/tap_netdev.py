@@ -1,8 +1,8 @@
 """Open the TAP queues that a `--netdev tap,...` asks for, or fail leaving nothing.
 
 Order matters, so that a refusal leaves nothing behind: every check that
-needs no TAP runs first (vhost, the kernel's features); then the queues are
-opened; then sndbuf and the up script. Any failure closes what was opened
+needs no TAP runs first (vhost-net opened and owned, the kernel's features);
+then the queues are opened; then sndbuf and the up script. Any failure closes what was opened
 (a TAP pyvhost created disappears with its last fd) and runs the down
 script only if the up script ran.
 """
@@ -10,53 +10,43 @@ script only if the up script ran.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import subprocess
 
 from pyvhost.backends.tap import IFF_MULTI_QUEUE, IFF_VNET_HDR, Tap
 from pyvhost.backends.tap_options import TapOptions
+from pyvhost.backends.vhost_net import VhostNet, VhostNetError, VhostUnavailableError
 from pyvhost.errors import OptionError, PyvhostError, TapError
 
 log = logging.getLogger(__name__)
 
-VHOST_NET = "/dev/vhost-net"
-VHOST_NET_RDEV = os.makedev(10, 238)  # misc device minor of vhost-net
 SCRIPT_TIMEOUT = 30.0
 
 
-class VhostUnavailableError(OptionError):
-    """vhost=on that cannot be honoured: always an error, never a silent fallback."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"vhost-net requested but could not be initialized: {reason}")
-
-
-def check_vhost(opts: TapOptions) -> None:
-    """Validate vhost=on / vhostfd= and report; the kernel datapath is not pyvhost's yet."""
+def open_vhost(opts: TapOptions) -> list[VhostNet]:
+    """One vhost-net instance per queue (inherited with vhostfd=/vhostfds=, or
+    opened), each owned and set up (VHOST_SET_OWNER). vhost=on that cannot be
+    had is an error with QEMU's wording, never a silent fallback."""
     if not opts.vhost:
-        return
-    if opts.vhostfds:
-        for fd in opts.vhostfds:
+        return []
+    option = "vhostfds" if "vhostfds" in opts.given else "vhostfd"
+    instances: list[VhostNet] = []
+    try:
+        if opts.vhostfds:
+            for fd in opts.vhostfds:
+                instances.append(VhostNet.from_fd(fd, option))
+        else:
+            for _ in range(opts.queues):
+                instances.append(VhostNet.open())
+        for v in instances:
             try:
-                st = os.fstat(fd)
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError as e:
-                raise VhostUnavailableError(f"vhostfd={fd}: {e.strerror}") from e
-            if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == VHOST_NET_RDEV):
-                raise VhostUnavailableError(f"vhostfd={fd} is {target}, not {VHOST_NET}")
-    else:
-        try:
-            fd = os.open(VHOST_NET, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise VhostUnavailableError(
-                f"{VHOST_NET}: {e.strerror} (load the vhost_net module, or use vhost=off)"
-            ) from e
-        os.close(fd)
-    log.warning(
-        "vhost=on: vhost-net is available, but pyvhost's kernel datapath is not "
-        "implemented yet; the rings are served by pyvhost's own datapath"
-    )
+                v.set_owner()
+            except VhostNetError as e:
+                raise VhostUnavailableError(str(e)) from e
+    except BaseException:
+        for v in instances:
+            v.close()
+        raise
+    return instances
 
 
 def run_script(script: str, ifname: str, option: str) -> None:
@@ -83,10 +73,10 @@ def run_script(script: str, ifname: str, option: str) -> None:
 class TapNetdev:
     """The TAP queues of one --netdev, and what must run when they close."""
 
-    def __init__(self, queues: list[Tap], downscript: str | None, vhostfds: list[int]) -> None:
+    def __init__(self, queues: list[Tap], downscript: str | None, vhosts: list[VhostNet]) -> None:
         self.queues = queues
         self.downscript = downscript
-        self._vhostfds = vhostfds
+        self.vhosts = vhosts  # one vhost-net instance per queue with vhost=on
 
     @property
     def ifname(self) -> str:
@@ -94,7 +84,7 @@ class TapNetdev:
 
     @classmethod
     def open(cls, opts: TapOptions) -> TapNetdev:
-        check_vhost(opts)
+        vhosts = open_vhost(opts)
         queues: list[Tap] = []
         script_ran = False
         try:
@@ -114,8 +104,10 @@ class TapNetdev:
                 _run_quietly(opts.downscript, queues[0].name)
             for q in queues:
                 q.close()
+            for v in vhosts:
+                v.close()
             raise
-        return cls(queues, opts.downscript, list(opts.vhostfds))
+        return cls(queues, opts.downscript, vhosts)
 
     def close(self) -> None:
         """Run the down script (interface still there), then close every queue."""
@@ -124,12 +116,9 @@ class TapNetdev:
         for q in self.queues:
             q.close()
         self.queues = []
-        for fd in self._vhostfds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._vhostfds = []
+        for v in self.vhosts:
+            v.close()
+        self.vhosts = []
 
 
 def _create(opts: TapOptions) -> list[Tap]:

@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from pyvhost.device import QueueNotifier, VirtioDevice
+from pyvhost.device import RingConfig, VirtioDevice
 from pyvhost.errors import (
     FeatureNotNegotiatedError,
     GuestMemoryError,
@@ -30,7 +30,13 @@ from pyvhost.errors import (
     PyvhostError,
 )
 from pyvhost.eventloop import EventLoop
-from pyvhost.memory import FrontendAddress, GuestAddress, GuestMemory, RegionSpec
+from pyvhost.memory import (
+    DEFAULT_MAX_REGIONS,
+    FrontendAddress,
+    GuestAddress,
+    GuestMemory,
+    RegionSpec,
+)
 from pyvhost.vhost_user.codec import REQUESTS, Frame, Message, decode_request, encode, request_name
 from pyvhost.vhost_user.messages import (
     U64,
@@ -50,7 +56,6 @@ from pyvhost.vhost_user.protocol import (
     Request as R,
     mask,
 )
-from pyvhost.virtq import SplitQueue
 from pyvhost.virtq.layout import (
     MAX_QUEUE_SIZE,
     VIRTIO_RING_F_EVENT_IDX,
@@ -73,9 +78,9 @@ OFFERED_PROTOCOL_FEATURES = mask(
 )
 
 
-@dataclass(eq=False)  # identity, not value: rings are keys in the event loop
+@dataclass(eq=False)
 class Vring:
-    """What the front-end told us of one ring, and the queue serving it."""
+    """What the front-end told us of one ring; `config` while it is started."""
 
     index: int
     size: int = 0
@@ -86,13 +91,12 @@ class Vring:
     err_fd: int | None = None
     polled: bool = False  # started with the no-fd flag: poll instead of waiting for kicks
     enabled: bool = False
-    queue: SplitQueue | None = None
-    notifier: QueueNotifier | None = None
-    errors: list[str] = field(default_factory=list)
+    config: RingConfig | None = None  # handed to the device while the ring runs
+    errors: list[str] = field(default_factory=list)  # why the ring broke, across restarts
 
     @property
     def started(self) -> bool:
-        return self.queue is not None
+        return self.config is not None
 
 
 class Backend:
@@ -101,7 +105,8 @@ class Backend:
     def __init__(self, device: VirtioDevice, loop: EventLoop) -> None:
         self.device = device
         self.loop = loop
-        self.memory = GuestMemory()
+        limit = device.max_memory_regions()  # e.g. what the kernel's vhost takes
+        self.memory = GuestMemory(min(limit or DEFAULT_MAX_REGIONS, DEFAULT_MAX_REGIONS))
         self.offered_features = device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
         self.acked_features = 0
@@ -201,7 +206,9 @@ class Backend:
         extra = features & ~self.offered_features
         if extra:
             raise InvalidRequestError(
-                f"SET_FEATURES acks 0x{extra:x}, which was never offered", int(msg.request)
+                f"SET_FEATURES acks {self.device.describe_features(extra)}, which was never "
+                "offered",
+                int(msg.request),
             )
         self.acked_features = features
         self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
@@ -351,24 +358,23 @@ class Backend:
     def _on_set_vring_kick(self, msg: Message) -> None:
         vring = self._vring(msg.payload.index, msg)
         fd = self._take_eventfd(msg)
-        if vring.kick_fd is not None:
-            self.loop.remove_reader(vring.kick_fd)
-            os.close(vring.kick_fd)
-        vring.kick_fd = fd
+        old, vring.kick_fd = vring.kick_fd, fd
         vring.polled = fd is None
-        if vring.started:
-            self._watch_kicks(vring)
-        else:
-            self._start(vring)
+        try:
+            if vring.started:
+                self._update_fds(vring)  # the engine lets go of the old fd
+            else:
+                self._start(vring)
+        finally:
+            if old is not None:
+                os.close(old)
 
     def _on_set_vring_call(self, msg: Message) -> None:
         vring = self._vring(msg.payload.index, msg)
         fd = self._take_eventfd(msg)
-        if vring.call_fd is not None:
-            os.close(vring.call_fd)
-        vring.call_fd = fd
-        if vring.notifier is not None:
-            vring.notifier.call_fd = fd
+        old, vring.call_fd = vring.call_fd, fd
+        if vring.started:
+            self._update_fds(vring)
             # The ring runs: a signal may have gone to the old fd after the
             # front-end stopped watching it (QEMU 10 with MSI-X checks its
             # masked notifier before a reconnected back-end has even started
@@ -379,13 +385,28 @@ class Backend:
                     os.eventfd_write(fd, 1)
                 except BlockingIOError:
                     pass
+        if old is not None:
+            os.close(old)
 
     def _on_set_vring_err(self, msg: Message) -> None:
         vring = self._vring(msg.payload.index, msg)
         fd = self._take_eventfd(msg)
-        if vring.err_fd is not None:
-            os.close(vring.err_fd)
-        vring.err_fd = fd
+        old, vring.err_fd = vring.err_fd, fd
+        if vring.started:
+            self._update_fds(vring)
+        if old is not None:
+            os.close(old)
+
+    def _update_fds(self, vring: Vring) -> None:
+        """A started ring's fds changed: the engine serving it takes the new ones."""
+        c = vring.config
+        c.kick_fd, c.call_fd, c.err_fd, c.polled = (
+            vring.kick_fd,
+            vring.call_fd,
+            vring.err_fd,
+            vring.polled,
+        )
+        self.device.ring_fds_changed(vring.index)
 
     def _on_set_vring_enable(self, msg: Message) -> None:
         if not self.protocol_features_negotiated:
@@ -425,41 +446,35 @@ class Backend:
                 f"ring {vring.index} kicked before SET_VRING_NUM and SET_VRING_ADDR"
             )
         desc, avail, used = self._ring_guest_addresses(vring)
-        queue = SplitQueue(
-            self.memory,
+        config = RingConfig(
+            vring.index,
             vring.size,
             desc,
             avail,
             used,
+            vring.base,
+            self.memory,
             event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
             indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
-            next_avail=vring.base,
+            kick_fd=vring.kick_fd,
+            call_fd=vring.call_fd,
+            err_fd=vring.err_fd,
+            polled=vring.polled,
             name=f"{self.device.name} ring {vring.index}",
+            errors=vring.errors,
         )
-        queue.on_broken = lambda error, v=vring: self._signal_error(v, error)
-        notifier = QueueNotifier(queue, vring.call_fd)
-        try:
-            self.device.queue_started(vring.index, queue, notifier)
-        except BaseException:
-            queue.close()  # refused (e.g. a ring the negotiated features do not have)
-            raise
-        vring.queue, vring.notifier = queue, notifier
+        # Raises to refuse (e.g. a ring the negotiated features do not have).
+        self.device.ring_started(config)
+        vring.config = config
         vring.enabled = vring.enabled or not self.protocol_features_negotiated
         if vring.enabled:
-            self.device.queue_enabled(vring.index, True)
-        self._watch_kicks(vring)
-        # Buffers may already be waiting (a reconnect): look once without a kick.
-        self._on_kick(vring)
+            self.device.ring_enabled(vring.index, True)
 
     def _stop(self, vring: Vring) -> None:
-        if vring.queue is None:
+        if vring.config is None:
             return
-        self._unwatch_kicks(vring)
-        self.device.queue_stopped(vring.index)
-        vring.base = vring.queue.next_avail
-        vring.queue.close()
-        vring.queue = None
-        vring.notifier = None
+        vring.config = None
+        vring.base = self.device.ring_stopped(vring.index)
         # The enable state outlives a stop (QEMU does not repeat SET_VRING_ENABLE).
 
     def _restart(self, vring: Vring) -> None:
@@ -469,15 +484,15 @@ class Backend:
     def _retranslate_rings(self) -> None:
         """The map changed: a running ring whose frontend addresses now land elsewhere moves."""
         for vring in self.vrings:
-            if vring.queue is None:
+            if vring.config is None:
                 continue
             try:
                 addrs = self._ring_guest_addresses(vring)
             except InvalidRequestError as e:
                 log.warning("ring %d: %s; it idles until its memory returns", vring.index, e)
                 continue
-            q = vring.queue
-            if addrs != (q.desc_addr, q.avail_addr, q.used_addr):
+            c = vring.config
+            if addrs != (c.desc, c.avail, c.used):
                 self._restart(vring)
 
     def _ring_guest_addresses(self, vring: Vring) -> tuple[GuestAddress, ...]:
@@ -501,48 +516,13 @@ class Backend:
             return
         vring.enabled = enabled
         if vring.started:
-            self.device.queue_enabled(vring.index, enabled)
-            if enabled:
-                self._on_kick(vring)
-
-    def _watch_kicks(self, vring: Vring) -> None:
-        self._unwatch_kicks(vring)
-        if vring.kick_fd is not None:
-            self.loop.add_reader(vring.kick_fd, lambda v=vring: self._on_kick_fd(v))
-        elif vring.polled:
-            self.loop.add_poller(vring, lambda v=vring: self._on_kick(v))
-
-    def _unwatch_kicks(self, vring: Vring) -> None:
-        if vring.kick_fd is not None:
-            self.loop.remove_reader(vring.kick_fd)
-        self.loop.remove_poller(vring)
-
-    def _on_kick_fd(self, vring: Vring) -> None:
-        try:
-            os.eventfd_read(vring.kick_fd)
-        except BlockingIOError:
-            return
-        self._on_kick(vring)
-
-    def _on_kick(self, vring: Vring) -> None:
-        if vring.queue is not None:
-            self.device.queue_kicked(vring.index)
-
-    def _signal_error(self, vring: Vring, error: Exception) -> None:
-        """A ring broke (hostile or corrupt driver data): tell the front-end on the
-        ring's error eventfd; the ring stays dead until it is reset."""
-        vring.errors.append(str(error))
-        if vring.err_fd is not None:
-            try:
-                os.eventfd_write(vring.err_fd, 1)
-            except BlockingIOError:
-                pass
+            self.device.ring_enabled(vring.index, enabled)
 
     def _close_vring_fds(self, vring: Vring) -> None:
+        """Close a stopped ring's fds (no engine uses them any more)."""
         for name in ("kick_fd", "call_fd", "err_fd"):
             fd = getattr(vring, name)
             if fd is not None:
-                self.loop.remove_reader(fd)
                 os.close(fd)
                 setattr(vring, name, None)
         vring.polled = False

@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Protocol
 
-from pyvhost.device import QueueNotifier
+from pyvhost.device import RingConfig, ServedRing
 from pyvhost.devices.net import spec
 from pyvhost.devices.net.metrics import QueueCounters, count_signal
 from pyvhost.eventloop import EventLoop
@@ -85,6 +85,8 @@ class QueuePair:
         self.rx_window_ns = rx_window_ns
         self.rx_counters = QueueCounters()
         self.tx_counters = QueueCounters()
+        self._rx_ring: ServedRing | None = None
+        self._tx_ring: ServedRing | None = None
         self.rxq: SplitQueue | None = None
         self.rx_notifier: ModeratedNotifier | None = None
         self.txq: SplitQueue | None = None
@@ -111,35 +113,97 @@ class QueuePair:
         self.mrg_rxbuf = bool(features & (1 << spec.F_MRG_RXBUF))
         self._zero_hdr = bytes(self.hdr_size)
 
-    def attach_rx(self, queue: SplitQueue, notifier: QueueNotifier) -> None:
+    # --- the engine interface (devices/net/engine.py) ---------------------------------
+
+    kind = "python"
+
+    def start_ring(self, rx: bool, config: RingConfig) -> None:
+        """Serve the pair's RX or TX ring from config.base on, here."""
+        ring = ServedRing(config, self.loop, self._on_rx_kick if rx else self._on_tx_kick)
+        if rx:
+            self._attach_rx(ring)
+        else:
+            self._attach_tx(ring)
+        ring.watch()
+        # Buffers may already be waiting (a reconnect, a switch): look once.
+        (self._on_rx_kick if rx else self._on_tx_kick)()
+
+    def stop_ring(self, rx: bool) -> int:
+        """Stop serving the ring; returns the avail index to go on from. Every
+        chain taken has been completed: the datapath holds none across events."""
+        ring = self._rx_ring if rx else self._tx_ring
+        if ring is None:
+            raise ValueError(f"{'rx' if rx else 'tx'}{self.pair} is not started")
+        self._detach(rx)
+        return ring.stop()
+
+    def set_ring_enabled(self, rx: bool, enabled: bool) -> None:
+        if rx:
+            self.rx_enabled = enabled
+            self._update_reading()
+        else:
+            self.tx_enabled = enabled
+        if enabled:
+            (self._on_rx_kick if rx else self._on_tx_kick)()
+
+    def ring_fds_changed(self, rx: bool) -> None:
+        ring = self._rx_ring if rx else self._tx_ring
+        if ring is not None:
+            ring.fds_changed()
+
+    def holds_frames(self) -> bool:
+        """A frame read from the TAP waits for RX buffers: stopping RX now would
+        lose it. Tries to place it first."""
+        if self._pending is not None and self.rxq is not None:
+            self.process_tap_rx_event()
+        return self._pending is not None
+
+    def close(self) -> None:
+        for rx in (True, False):
+            if (self._rx_ring if rx else self._tx_ring) is not None:
+                self.stop_ring(rx)
+
+    def _on_rx_kick(self) -> None:
+        self.rx_counters.kicks += 1
+        self.process_rx_queue_event()
+
+    def _on_tx_kick(self) -> None:
+        self.tx_counters.kicks += 1
+        self.process_tx_queue_event()
+
+    # --- rings in and out -------------------------------------------------------------
+
+    def _attach_rx(self, ring: ServedRing) -> None:
         c = self.rx_counters
 
         def signalled(sent: bool) -> None:
             count_signal(c, sent)
             self._tx_bytes_since_rx_signal = 0
 
-        self.rxq = queue
+        self._rx_ring = ring
+        self.rxq = ring.queue
         self.rx_notifier = ModeratedNotifier(
-            notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
+            ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
         )
-        queue.disable_notification()  # kicks only matter when starved
+        ring.queue.disable_notification()  # kicks only matter when starved
         self._update_reading()
 
     def _guest_streaming(self) -> bool:
         return self._tx_bytes_since_rx_signal >= STREAMING_BYTES
 
-    def attach_tx(self, queue: SplitQueue, notifier: QueueNotifier) -> None:
+    def _attach_tx(self, ring: ServedRing) -> None:
         c = self.tx_counters
-        self.txq = queue
+        self._tx_ring = ring
+        self.txq = ring.queue
         self.tx_notifier = ModeratedNotifier(
-            notifier, self.loop, self.tx_window_ns, lambda sent: count_signal(c, sent)
+            ring.notifier, self.loop, self.tx_window_ns, lambda sent: count_signal(c, sent)
         )
 
-    def detach(self, rx: bool) -> None:
+    def _detach(self, rx: bool) -> None:
         if rx:
             if self.rx_notifier is not None:
                 self.rx_notifier.cancel()
-            self.rxq = self.rx_notifier = None
+            self._rx_ring = self.rxq = self.rx_notifier = None
             self.rx_enabled = False
             self.rx_starved = False
             self._pending = None
@@ -148,18 +212,11 @@ class QueuePair:
             if self.tx_notifier is not None:
                 self.tx_notifier.cancel()
             self._stop_tx_polling()
-            self.txq = self.tx_notifier = None
+            self._tx_ring = self.txq = self.tx_notifier = None
             self.tx_enabled = False
             if self._tx_blocked:
                 self._tx_blocked = False
                 self.loop.remove_writer(self.host.fileno())
-
-    def set_enabled(self, rx: bool, enabled: bool) -> None:
-        if rx:
-            self.rx_enabled = enabled
-            self._update_reading()
-        else:
-            self.tx_enabled = enabled
 
     def _update_reading(self) -> None:
         fd = self.host.fileno()

@@ -11,9 +11,12 @@ import logging
 import struct
 from typing import Protocol
 
-from pyvhost.device import QueueNotifier, VirtioDevice
+from pyvhost.backends.vhost_net import VhostNet, max_mem_regions
+from pyvhost.device import QueueNotifier, RingConfig, ServedRing, VirtioDevice
 from pyvhost.devices.net import ctrl, spec
 from pyvhost.devices.net.datapath import HostQueue, QueuePair
+from pyvhost.devices.net.engine import DatapathError, PairEngine
+from pyvhost.devices.net.kernel import KernelPair, kernel_mask
 from pyvhost.devices.net.metrics import QueueCounters, notify, queue_name
 from pyvhost.errors import InvalidRequestError, InvalidRingIndexError, PyvhostError
 from pyvhost.eventloop import EventLoop
@@ -102,13 +105,19 @@ class VirtioNet(VirtioDevice):
         poll_us: int = 0,
         tx_usecs: int = 0,
         rx_usecs: int = 0,
+        vhosts: list[VhostNet] | None = None,
     ) -> None:
         """`poll_us`: busy-poll a TX ring this long after its last frame before
         asking for kicks again. `tx_usecs`, `rx_usecs`: signal that kind of ring
-        at most once per so many microseconds (pyvhost.moderation). 0: off."""
+        at most once per so many microseconds (pyvhost.moderation). 0: off.
+        `vhosts`: one vhost-net instance per host queue; the pairs then start on
+        the kernel datapath and can be moved to Python and back while they run."""
         if not hosts:
             raise ValueError("a virtio-net device needs at least one host queue")
+        if vhosts and len(vhosts) != len(hosts):
+            raise ValueError("one vhost-net instance per host queue")
         self.hosts = hosts
+        self.vhosts = vhosts or []
         self.mac = self.configured_mac = mac
         self.mtu = mtu
         self.poll_ns = poll_us * 1000
@@ -126,7 +135,15 @@ class VirtioNet(VirtioDevice):
         # SET_VRING_ENABLE instead).
         self.ctrl_pairs: int | None = None
         self.ctrl_counters = QueueCounters()
-        self.pairs: list[QueuePair] = []
+        self.pairs: list[QueuePair] = []  # the Python datapath of each pair
+        self.kernel_pairs: list[KernelPair] = [
+            KernelPair(i, h, v) for i, (h, v) in enumerate(zip(hosts, self.vhosts, strict=False))
+        ]
+        # The engine serving each pair now (engine.py): Python or the kernel.
+        self.engines: list[PairEngine] = []
+        self._data_rings: dict[int, RingConfig] = {}  # started RX/TX rings, by index
+        self._enabled: set[int] = set()  # ... and which of them are enabled
+        self._ctrl_ring: ServedRing | None = None
         self._ctrlq: SplitQueue | None = None
         self._ctrl_notifier: QueueNotifier | None = None
 
@@ -178,6 +195,7 @@ class VirtioNet(VirtioDevice):
             )
             for i, h in enumerate(self.hosts)
         ]
+        self.engines = list(self.kernel_pairs) if self.kernel_pairs else list(self.pairs)
         self._update_tap_queues()
 
     # --- what the device offers ----------------------------------------------------
@@ -200,7 +218,21 @@ class VirtioNet(VirtioDevice):
             bits.append(spec.F_MTU)
         if self.offloads:
             bits += OFFLOAD_FEATURES
-        return sum(_bit(b) for b in bits)
+        features = sum(_bit(b) for b in bits)
+        for k in self.kernel_pairs:  # only what both datapaths can serve
+            features &= ~kernel_mask(k.supported)
+        return features
+
+    def describe_features(self, bits: int) -> str:
+        text = spec.feature_names(bits)
+        withheld = bits & sum(kernel_mask(k.supported) for k in self.kernel_pairs[:1])
+        if withheld:
+            text += f" ({spec.feature_names(withheld)}: the kernel's vhost-net lacks it)"
+        return text
+
+    def max_memory_regions(self) -> int | None:
+        """With vhost=on, the kernel's table is the limit (vhost's max_mem_regions)."""
+        return max_mem_regions() if self.kernel_pairs else None
 
     def num_queues(self) -> int:
         return 2 * self.queue_pairs + 1
@@ -261,6 +293,8 @@ class VirtioNet(VirtioDevice):
         self._apply_guest_offloads(features & GUEST_OFFLOAD_MASK)
         for p in self.pairs:
             p.configure(features)
+        for k in self.kernel_pairs:
+            k.configure(features)
 
     def _apply_guest_offloads(self, features: int) -> None:
         """Tell the TAP which offloaded frames the guest takes (TUNSETOFFLOAD).
@@ -286,51 +320,60 @@ class VirtioNet(VirtioDevice):
         Detached queues make the kernel steer flows to the others, so no frame
         waits on a queue the guest does not read.
         """
-        for i, (h, p) in enumerate(zip(self.hosts, self.pairs, strict=True)):
-            in_use = p.rx_enabled and (self.ctrl_pairs is None or i < self.ctrl_pairs)
+        for i, h in enumerate(self.hosts):
+            rx_enabled = spec.rx_queue(i) in self._enabled
+            in_use = rx_enabled and (self.ctrl_pairs is None or i < self.ctrl_pairs)
             h.set_queue_attached(in_use or self.queue_pairs == 1)
 
-    def queue_started(self, index: int, queue: SplitQueue, notifier: QueueNotifier) -> None:
+    # --- rings, as the transport starts and stops them ------------------------------
+
+    def ring_started(self, config: RingConfig) -> None:
+        index = config.index
         self._check_ring(index)
         if self._is_ctrl(index):
-            self._ctrlq, self._ctrl_notifier = queue, notifier
+            ring = ServedRing(config, self.loop, self._process_ctrl_queue_event)
+            self._ctrl_ring = ring
+            self._ctrlq, self._ctrl_notifier = ring.queue, ring.notifier
             if self.acked_features & _bit(spec.F_MQ):
                 self.ctrl_pairs = 1  # until VQ_PAIRS_SET, only the first pair (5.1.6.5.5)
                 self._update_tap_queues()
+            ring.watch()
+            self._process_ctrl_queue_event()  # commands may be waiting (a reconnect)
             return
-        pair = self.pairs[index // 2]
-        if index % 2 == 0:
-            pair.attach_rx(queue, notifier)
-        else:
-            pair.attach_tx(queue, notifier)
+        self.engines[index // 2].start_ring(index % 2 == 0, config)
+        self._data_rings[index] = config
 
-    def queue_stopped(self, index: int) -> None:
-        if self._is_ctrl(index):
-            self._ctrlq = self._ctrl_notifier = None
-        elif index < 2 * self.queue_pairs:
-            self.pairs[index // 2].detach(rx=index % 2 == 0)
-
-    def queue_enabled(self, index: int, enabled: bool) -> None:
-        if not self._is_ctrl(index) and index < 2 * self.queue_pairs:
-            self.pairs[index // 2].set_enabled(index % 2 == 0, enabled)
+    def ring_stopped(self, index: int) -> int:
+        if self._data_rings.pop(index, None) is not None:
+            self._enabled.discard(index)
+            base = self.engines[index // 2].stop_ring(index % 2 == 0)
             if index % 2 == 0:
                 self._update_tap_queues()
+            return base
+        ring, self._ctrl_ring = self._ctrl_ring, None
+        self._ctrlq = self._ctrl_notifier = None
+        return ring.stop()
 
-    def queue_kicked(self, index: int) -> None:
-        if self._is_ctrl(index):
-            self._process_ctrl_queue_event()
+    def ring_enabled(self, index: int, enabled: bool) -> None:
+        if index not in self._data_rings:
+            if enabled:
+                self._process_ctrl_queue_event()
             return
-        pair = self.pairs[index // 2]
+        (self._enabled.add if enabled else self._enabled.discard)(index)
+        self.engines[index // 2].set_ring_enabled(index % 2 == 0, enabled)
         if index % 2 == 0:
-            pair.rx_counters.kicks += 1
-            pair.process_rx_queue_event()
-        else:
-            pair.tx_counters.kicks += 1
-            pair.process_tx_queue_event()
+            self._update_tap_queues()
+
+    def ring_fds_changed(self, index: int) -> None:
+        if index in self._data_rings:
+            self.engines[index // 2].ring_fds_changed(index % 2 == 0)
+        elif self._ctrl_ring is not None:
+            self._ctrl_ring.fds_changed()
 
     def reset(self) -> None:
-        for i in range(self.num_queues()):
-            self.queue_stopped(i)
+        """Every ring has been stopped by the transport already."""
+        for k in self.kernel_pairs:
+            k.reset()  # the kernel lets go of the session's memory and eventfds
         self.acked_features = 0
         self.mac = self.configured_mac
         self.rx_mode = ctrl.RxMode()
@@ -344,11 +387,60 @@ class VirtioNet(VirtioDevice):
     def detach(self) -> None:
         self.reset()
 
+    # --- moving a pair between datapaths -----------------------------------------------
+
+    def datapaths(self) -> list[str]:
+        """Which datapath serves each pair now."""
+        return [e.kind for e in self.engines]
+
+    def switch_datapath(self, pair: int, kind: str) -> None:
+        """Move pair `pair` to the "kernel" or the "python" datapath while it runs.
+
+        Each started ring stops on the old engine, which completes every chain
+        it took and says where it stopped; the new engine goes on from that
+        index with the same eventfds. No frame is lost, doubled or reordered,
+        and the driver sees nothing.
+        """
+        if not 0 <= pair < self.queue_pairs:
+            raise DatapathError(f"pair {pair}: the device has pairs 0 to {self.queue_pairs - 1}")
+        if kind == "kernel":
+            if not self.kernel_pairs:
+                raise DatapathError(
+                    "the kernel datapath needs vhost-net: start pyvhost with "
+                    "--netdev tap,...,vhost=on"
+                )
+            new: PairEngine = self.kernel_pairs[pair]
+        elif kind == "python":
+            new = self.pairs[pair]
+        else:
+            raise DatapathError(f"datapath {kind!r}: use kernel or python")
+        old = self.engines[pair]
+        if old is new:
+            return
+        rings = [(rx, spec.rx_queue(pair) if rx else spec.tx_queue(pair)) for rx in (True, False)]
+        rings = [(rx, i) for rx, i in rings if i in self._data_rings]
+        if kind == "kernel" and any(self._data_rings[i].kick_fd is None for _, i in rings):
+            raise DatapathError(f"pair {pair}: a polled ring (no kick fd) stays in Python")
+        if old.holds_frames():
+            raise DatapathError(
+                f"pair {pair}: a received frame waits for RX buffers the guest has not "
+                "posted; try again once it takes frames"
+            )
+        for rx, i in rings:
+            self._data_rings[i].base = old.stop_ring(rx)
+        self.engines[pair] = new
+        new.configure(self.acked_features)
+        for rx, i in rings:
+            new.start_ring(rx, self._data_rings[i])
+            if i in self._enabled:
+                new.set_ring_enabled(rx, True)
+        log.info("pair %d: moved from the %s datapath to the %s one", pair, old.kind, kind)
+
     # --- counters ---------------------------------------------------------------------
 
     def counters(self) -> dict[str, QueueCounters]:
         out: dict[str, QueueCounters] = {}
-        for p in self.pairs:
+        for p in self.pairs:  # the Python datapath's; the kernel keeps none per ring
             out[queue_name(2 * p.pair, self.ctrl_index)] = p.rx_counters
             out[queue_name(2 * p.pair + 1, self.ctrl_index)] = p.tx_counters
         out["ctrl"] = self.ctrl_counters

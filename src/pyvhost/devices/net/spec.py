@@ -27,6 +27,49 @@ F_GUEST_ANNOUNCE = 21
 F_MQ = 22
 F_CTRL_MAC_ADDR = 23
 
+FEATURE_NAMES = {
+    F_CSUM: "CSUM",
+    F_GUEST_CSUM: "GUEST_CSUM",
+    F_CTRL_GUEST_OFFLOADS: "CTRL_GUEST_OFFLOADS",
+    F_MTU: "MTU",
+    F_MAC: "MAC",
+    F_GUEST_TSO4: "GUEST_TSO4",
+    F_GUEST_TSO6: "GUEST_TSO6",
+    F_GUEST_ECN: "GUEST_ECN",
+    F_GUEST_UFO: "GUEST_UFO",
+    F_HOST_TSO4: "HOST_TSO4",
+    F_HOST_TSO6: "HOST_TSO6",
+    F_HOST_ECN: "HOST_ECN",
+    F_HOST_UFO: "HOST_UFO",
+    F_MRG_RXBUF: "MRG_RXBUF",
+    F_STATUS: "STATUS",
+    F_CTRL_VQ: "CTRL_VQ",
+    F_CTRL_RX: "CTRL_RX",
+    F_CTRL_VLAN: "CTRL_VLAN",
+    F_GUEST_ANNOUNCE: "GUEST_ANNOUNCE",
+    F_MQ: "MQ",
+    F_CTRL_MAC_ADDR: "CTRL_MAC_ADDR",
+    24: "NOTIFY_ON_EMPTY",
+    28: "RING_INDIRECT_DESC",
+    29: "RING_EVENT_IDX",
+    32: "VERSION_1",
+    33: "ACCESS_PLATFORM",
+    34: "RING_PACKED",
+    40: "RING_RESET",
+}
+
+
+def feature_names(bits: int) -> str:
+    """'MRG_RXBUF|RING_PACKED' for a mask (unknown bits by number)."""
+    names = []
+    n = 0
+    while bits >> n:
+        if bits >> n & 1:
+            names.append(FEATURE_NAMES.get(n, f"bit {n}"))
+        n += 1
+    return "|".join(names) or "none"
+
+
 # Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
 CONFIG = struct.Struct("<6sHHH")
 S_LINK_UP = 1
