@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
     st.add_argument("--json", action="store_true", help="print JSON")
 
+    dp = sub.add_parser(
+        "datapath",
+        help="move a running pyvhost net's queue pairs between the kernel (vhost-net) and "
+        "Python datapaths, losslessly",
+    )
+    dp.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket")
+    dp.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
+    dp.add_argument("--pair", type=int, metavar="N", help="only this queue pair (default: all)")
+    dp.add_argument("to", choices=("kernel", "python"))
+
     demo = sub.add_parser(
         "demo", help="boot a Linux guest on pyvhost; ping and iperf3 both ways (needs root)"
     )
@@ -280,8 +290,9 @@ def drop_privileges(uid: int | None, gid: int | None, paths: list[str]) -> None:
 def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.backends.tap_netdev import TapNetdev
     from pyvhost.backends.tap_options import parse_netdev
+    from pyvhost.control import ControlServer
     from pyvhost.devices.net.device import VirtioNet
-    from pyvhost.stats import StatsServer, format_table
+    from pyvhost.stats import format_table
     from pyvhost.vhost_user.daemon import Daemon
 
     # Everything that needs nothing opened is checked first: a refusal leaves nothing.
@@ -314,6 +325,7 @@ def cmd_net(args: argparse.Namespace) -> int:
             poll_us=args.poll_us,
             tx_usecs=args.tx_usecs,
             rx_usecs=args.rx_usecs,
+            vhosts=netdev.vhosts,
         )
         daemon = served = Daemon(device, args.socket, client=args.client)
 
@@ -324,20 +336,34 @@ def cmd_net(args: argparse.Namespace) -> int:
                 "socket": args.socket,
                 "sessions": served.sessions,
                 "features": f"0x{device.acked_features:x}",
+                "datapaths": device.datapaths(),
                 "queues": {name: c.as_dict() for name, c in device.counters().items()},
             }
+
+        def datapath(req: dict) -> dict:
+            to = req.get("to")
+            pair = req.get("pair")
+            pairs = range(len(netdev.queues)) if pair is None else [pair]
+            for p in pairs:
+                if not isinstance(p, int):
+                    raise OptionError(f"pair {p!r}: a queue pair number")
+                device.switch_datapath(p, to)
+            return {"datapaths": device.datapaths()}
 
         def print_stats() -> None:
             print(format_table(snapshot()), flush=True)
 
-        stats = StatsServer(stats_file, daemon.loop, snapshot)
+        stats = ControlServer(
+            stats_file, daemon.loop, {"stats": lambda req: snapshot(), "datapath": datapath}
+        )
         owned = [stats.path] + ([] if args.client else [args.socket])
         drop_privileges(uid, gid, owned)
         print(
             f"pyvhost: serving virtio-net on {args.socket}, TAP {netdev.ifname} "
             f"({len(netdev.queues)} queue{'s' if len(netdev.queues) > 1 else ''}, "
             f"vnet_hdr={'on' if device.vnet_hdr else 'off'}, "
-            f"offloads={'on' if device.offloads else 'off'})",
+            f"offloads={'on' if device.offloads else 'off'}, "
+            f"datapath={'kernel (vhost-net)' if netdev.vhosts else 'python'})",
             flush=True,
         )
         run_daemon(daemon, on_usr1=print_stats)
@@ -357,6 +383,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     snap = fetch(args.stats_socket or stats_path(args.socket))
     print(json.dumps(snap, indent=1) if args.json else format_table(snap))
+    return 0
+
+
+def cmd_datapath(args: argparse.Namespace) -> int:
+    from pyvhost.control import request
+    from pyvhost.stats import stats_path
+
+    command: dict = {"cmd": "datapath", "to": args.to}
+    if args.pair is not None:
+        command["pair"] = args.pair
+    reply = request(args.stats_socket or stats_path(args.socket), command)
+    if not reply.get("ok"):
+        raise PyvhostError(reply.get("error", "refused"))
+    for i, kind in enumerate(reply["datapaths"]):
+        print(f"pair {i}: {kind}")
     return 0
 
 
@@ -416,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "loopback": cmd_loopback,
         "net": cmd_net,
         "stats": cmd_stats,
+        "datapath": cmd_datapath,
         "demo": cmd_demo,
         "qemu-args": cmd_qemu_args,
         "guest": cmd_guest,
