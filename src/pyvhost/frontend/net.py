@@ -93,7 +93,7 @@ class Ring:
     err: int
     slots: list[int]  # free buffer addresses
     slot_size: int
-    inflight: dict[int, int] = field(default_factory=dict)  # head -> buffer address
+    inflight: dict[int, int | None] = field(default_factory=dict)  # head -> TX/RX slot
     completed: int = 0  # chains the back-end has returned, in all
 
 
@@ -244,22 +244,31 @@ class NetFrontend:
         return spec.HDR.pack(*values.values())[: self.hdr_size]
 
     def send(
-        self, frame: bytes, pair: int = 0, header: bytes | None = None, kick: bool = True
+        self,
+        frame: bytes,
+        pair: int = 0,
+        header: bytes | None = None,
+        kick: bool = True,
+        buffer: int | None = None,
     ) -> int:
         """Post one frame (with a virtio-net header) on pair's TX queue. With
         `kick=False` the frame is published but the kick eventfd is not signalled
-        (a back-end that polls must find it on its own)."""
+        (a back-end that polls must find it on its own). `buffer`: a guest address
+        to send it from (e.g. in a hot-added region) instead of a TX slot."""
         ring = self.rings[spec.tx_queue(pair)]
         self._reclaim(ring)
         data = (self.header() if header is None else header) + frame
-        if len(data) > ring.slot_size:
-            raise ValueError(f"frame of {len(frame)} bytes does not fit a TX buffer")
-        if not ring.slots:
-            raise BlockingIOError("TX ring full: the back-end has not returned buffers")
-        addr = ring.slots.pop()
+        if buffer is None:
+            if len(data) > ring.slot_size:
+                raise ValueError(f"frame of {len(frame)} bytes does not fit a TX buffer")
+            if not ring.slots:
+                raise BlockingIOError("TX ring full: the back-end has not returned buffers")
+            addr = ring.slots.pop()
+        else:
+            addr = buffer
         self.ram.memory.write(addr, data)
         head = ring.queue.add(readable=[(addr, len(data))])
-        ring.inflight[head] = addr
+        ring.inflight[head] = addr if buffer is None else None
         if kick:
             ring.queue.kick()
         else:
@@ -278,7 +287,9 @@ class NetFrontend:
     def _reclaim(self, ring: Ring) -> None:
         done = ring.queue.used()
         for head, _ in done:
-            ring.slots.append(ring.inflight.pop(head))
+            slot = ring.inflight.pop(head)
+            if slot is not None:  # None: the caller's own buffer
+                ring.slots.append(slot)
         ring.completed += len(done)
 
     def post_rx(self, pair: int = 0, count: int | None = None) -> int:

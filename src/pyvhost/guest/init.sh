@@ -17,17 +17,38 @@ for role in net $(arg modules | tr , ' '); do
     done < /lib/modules/$role.order
 done
 IP=$(arg ip)
+HOSTROOT=$(arg hostroot)
 ip link set lo up
-n=0
-while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
 if [ -n "$IP" ]; then
+    n=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
     ip addr add "$IP" dev eth0
+    ip link set eth0 up
 fi
-ip link set eth0 up
+# With pyvhost.hostroot=TAG, the host's root (virtio-9p, read-only) becomes
+# this guest's: commands run chrooted in it, with the host's programs and
+# this guest's kernel (vhost-net included), /proc, /sys, /dev and tmpfs.
+RUN=""
+if [ -n "$HOSTROOT" ]; then
+    mkdir -p /host
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose \
+        "$HOSTROOT" /host || echo "PYVHOST-ERROR mount $HOSTROOT"
+    mount -t proc proc /host/proc
+    mount -t sysfs sys /host/sys
+    mount -t devtmpfs dev /host/dev
+    mkdir -p /host/dev/shm /host/dev/pts
+    mount -t tmpfs shm /host/dev/shm
+    mount -t devpts devpts /host/dev/pts
+    mount -t tmpfs tmp /host/tmp
+    mount -t tmpfs run /host/run
+    mount -t tmpfs vartmp /host/var/tmp
+    RUN="chroot /host /usr/bin/env -i HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+fi
 stty -echo -icanon -F /dev/console 2>/dev/null || stty -echo
 echo "PYVHOST-READY $(cut -d' ' -f1 /proc/uptime)"
 while read -r line; do
-    sh -c "$line"
+    $RUN sh -c "$line"
     echo "PYVHOST-DONE $?"
 done
 echo "PYVHOST-EOF"

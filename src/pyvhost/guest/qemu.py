@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvhost.errors import PyvhostError
@@ -189,8 +190,15 @@ class Guest:
                 self.boot_seconds = time.monotonic() - self.started
                 return self.boot_seconds
 
-    def run(self, command: str, timeout: float = 60, check: bool = True) -> tuple[int, str]:
-        """Run a shell command in the guest; (exit status, output)."""
+    def run(
+        self,
+        command: str,
+        timeout: float = 60,
+        check: bool = True,
+        echo: Callable[[str], None] | None = None,
+    ) -> tuple[int, str]:
+        """Run a shell command in the guest; (exit status, output). `echo` sees each
+        line of output as it comes (progress of a long command)."""
         if "\n" in command:
             raise ValueError("one line per command")
         self.proc.stdin.write(command.encode() + b"\n")
@@ -206,6 +214,8 @@ class Guest:
                     raise GuestError(f"guest: {command!r} exited {status}:\n" + "\n".join(out))
                 return status, "\n".join(out)
             out.append(line)
+            if echo is not None:
+                echo(line)
 
     def stop(self, timeout: float = 5) -> int:
         """Power off (or, failing that, end QEMU by its PID); returns QEMU's status.

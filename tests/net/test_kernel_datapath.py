@@ -1,0 +1,287 @@
+"""vhost=on: the guest's rings served by the kernel's vhost-net, pyvhost the control plane.
+
+These need /dev/vhost-net, which this CI machine's kernel lacks; the e2e test
+tests/e2e/test_kernel_datapath.py runs this file inside a TCG guest whose
+kernel has it (with this machine's root, Python and pyvhost). Run it
+directly wherever vhost_net is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from pyvhost.control import request
+from pyvhost.devices.net import spec
+from pyvhost.frontend.net import NetFrontend
+from pyvhost.guest.vhost_guest import vhost_net_here
+from pyvhost.stats import fetch
+from pyvhost.testing.frames import gso_header, tcp4_frame
+from pyvhost.testing.processes import PyvhostProcess, wait_for
+
+from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
+
+pytestmark = pytest.mark.skipif(
+    not vhost_net_here(),
+    reason="needs /dev/vhost-net; tests/e2e/test_kernel_datapath.py runs these in a guest",
+)
+
+SO_RCVBUFFORCE = 33
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def numbered(n: int, start: int = 0, out: bool = True) -> list[bytes]:
+    dst, src = (HOST_MAC, GUEST_MAC) if out else (GUEST_MAC, HOST_MAC)
+    return [frame(dst, src, (start + i).to_bytes(4, "big") + bytes(60)) for i in range(n)]
+
+
+def receive_ours(fe: NetFrontend, n: int, pair: int = 0, timeout: float = 20.0) -> list[bytes]:
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += [f for f in fe.receive(pair, timeout=0.2, count=n - len(got)) if ours(f)]
+    return got
+
+
+def big_socket(netns, ifname: str, vnet_hdr: bool = False) -> socket.socket:
+    s = netns.packet_socket(ifname, vnet_hdr=vnet_hdr)
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+    s.settimeout(20)
+    return s
+
+
+def test_frames_cross_both_ways_with_no_python_per_packet(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    host = big_socket(netns, d.ifname)
+    assert fetch(d.sock + ".stats")["datapaths"] == ["kernel"]
+    with NetFrontend.connect(d.sock) as fe:
+        fe.post_rx()
+        cpu0 = cpu_seconds(d.proc.pid)
+        sent = numbered(2000)
+        for i, f in enumerate(sent):
+            fe.send(f)
+            if i % 200 == 199:
+                wait_for(lambda i=i: fe.tx_done() == i + 1, 20, "the kernel's TX completions")
+        assert recv_ours(host, len(sent)) == sent
+        back = numbered(2000, out=False)
+        got: list[bytes] = []
+        for i in range(0, len(back), 200):  # paced: the TAP's queue holds 1000
+            for f in back[i : i + 200]:
+                host.send(f)
+            got += receive_ours(fe, 200)
+        assert got == back
+        cpu = cpu_seconds(d.proc.pid) - cpu0
+        stats = fetch(d.sock + ".stats")
+    # The Python datapath never saw them, and the daemon barely ran.
+    assert stats["queues"]["tx0"]["packets"] == stats["queues"]["rx0"]["packets"] == 0
+    assert cpu < 0.5, f"pyvhost used {cpu:.2f} s of CPU for 4000 frames"
+    host.close()
+
+
+def udp4_frame(src_port: int, dst: bytes, src: bytes, payload: bytes = b"x" * 32) -> bytes:
+    """Ethernet + IPv4 + UDP (checksums left 0 for UDP): a flow the TAP can hash."""
+    import struct
+
+    udp = struct.pack("!HHHH", src_port, 9, 8 + len(payload), 0) + payload
+    total = 20 + len(udp)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0,
+                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))  # fmt: skip
+    s = sum(int.from_bytes(ip[i : i + 2], "big") for i in range(0, 20, 2))
+    s = (s & 0xFFFF) + (s >> 16)
+    ip = ip[:10] + struct.pack("!H", ~s & 0xFFFF) + ip[12:]
+    return dst + src + b"\x08\x00" + ip + udp
+
+
+def test_two_queue_pairs_each_carry_traffic_through_their_own_vhost_net(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,queues=2,vhost=on")
+    host = big_socket(netns, d.ifname)
+    with NetFrontend.connect(d.sock, queue_pairs=2) as fe:
+        assert fe.features & (1 << spec.F_MQ)
+        fe.set_queue_pairs(2) if fe.features & (1 << spec.F_CTRL_VQ) else None
+        for pair in (0, 1):
+            fe.post_rx(pair)
+            sent = [frame(HOST_MAC, GUEST_MAC, bytes([pair, i]) * 30) for i in range(50)]
+            for f in sent:
+                fe.send(f, pair=pair)
+            assert recv_ours(host, 50) == sent
+        # Many flows from the host: the multiqueue TAP spreads them over both pairs.
+        flows = [udp4_frame(1000 + i, GUEST_MAC, HOST_MAC) for i in range(256)]
+        for f in flows:
+            host.send(f)
+        got = {0: 0, 1: 0}
+        deadline = time.monotonic() + 20
+        while sum(got.values()) < len(flows) and time.monotonic() < deadline:
+            for pair in (0, 1):
+                got[pair] += len([f for f in fe.receive(pair, timeout=0.1, count=256)
+                                  if f[12:14] == b"\x08\x00"])  # fmt: skip
+        assert sum(got.values()) == len(flows) and got[0] > 0 and got[1] > 0, got
+        assert fetch(d.sock + ".stats")["datapaths"] == ["kernel", "kernel"]
+    host.close()
+
+
+def test_a_vhostfd_opened_by_a_parent_is_used(tmp_path, netns):
+    vhost = os.open("/dev/vhost-net", os.O_RDWR)
+    sock = str(tmp_path / "net.sock")
+    ifname = "pvk" + os.urandom(3).hex()
+    d = PyvhostProcess(
+        ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname},vhostfd={vhost}"],
+        sock,
+        pass_fds=(vhost,),
+    )
+    os.close(vhost)  # pyvhost holds its own copy now
+    try:
+        netns.adopt(ifname, ipv6=False)
+        host = big_socket(netns, ifname)
+        with NetFrontend.connect(sock) as fe:
+            sent = numbered(100)
+            for f in sent:
+                fe.send(f)
+            assert recv_ours(host, 100) == sent
+        assert fetch(sock + ".stats")["datapaths"] == ["kernel"]
+        host.close()
+    finally:
+        status, out, err = d.stop()
+    assert status == 0, err
+    assert "datapath=kernel" in out
+
+
+def test_a_64k_tso_frame_crosses_the_kernel_datapath_both_ways(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    host = big_socket(netns, d.ifname)
+    injector = big_socket(netns, d.ifname, vnet_hdr=True)
+    with NetFrontend.connect(d.sock, rx_buf_size=2048) as fe:
+        assert fe.features & (1 << spec.F_HOST_TSO4) and fe.features & (1 << spec.F_GUEST_TSO4)
+        out = tcp4_frame(64000, GUEST_MAC, HOST_MAC)
+        fe.send(out, header=gso_header(fe.hdr_size))
+        while (got := host.recv(70000))[12:14] != b"\x08\x00":
+            pass
+        assert got == out  # the packet socket sees it before segmentation: whole
+        fe.post_rx()
+        back = tcp4_frame(64000, HOST_MAC, GUEST_MAC)
+        injector.send(gso_header(10) + back)
+        deadline = time.monotonic() + 20
+        frames: list[bytes] = []
+        while not frames and time.monotonic() < deadline:
+            frames = [f for f in fe.receive(timeout=0.5, with_header=True) if len(f) > 60000]
+    [data] = frames
+    _, gso_type, _, gso_size, _, _, num_buffers = spec.HDR.unpack_from(data)
+    assert gso_type == spec.GSO_TCPV4 and num_buffers > 1  # merged, not segmented
+    assert data[fe.hdr_size :] == back
+    host.close()
+    injector.close()
+
+
+def test_hot_added_and_removed_memory_reaches_the_kernel_table(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    host = big_socket(netns, d.ifname)
+    with NetFrontend.connect(d.sock, use_add_mem_reg=True) as fe:
+        desc, dimm = fe.add_region(1 << 32, 1 << 20)
+        sent = numbered(20)
+        for i, f in enumerate(sent):  # sent from the DIMM: only there if the kernel knows it
+            fe.send(f, buffer=dimm.guest_base + 4096 * i)
+        assert recv_ours(host, 20) == sent
+        wait_for(lambda: fe.tx_done() == 20, 20, "completions")
+        fe.remove_region(desc)
+        after = numbered(20, start=20)
+        for f in after:
+            fe.send(f)
+        assert recv_ours(host, 20) == after
+        # A descriptor into the removed region: the kernel no longer has it, and
+        # says so on the ring's error eventfd.
+        tx = fe.rings[spec.tx_queue(0)]
+        tx.inflight[tx.queue.add(readable=[(desc.guest_addr, 90)])] = None
+        tx.queue.kick()
+        wait_for(lambda: fe.ring_errors(spec.tx_queue(0)) > 0, 20, "the kernel's ring error")
+    host.close()
+
+
+def test_switching_between_kernel_and_python_loses_doubles_and_reorders_nothing(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    netns.ip("link", "set", "dev", d.ifname, "txqueuelen", "20000")
+    host = big_socket(netns, d.ifname)
+    stats = d.sock + ".stats"
+    total_out, total_in = 3000, 3000
+    received_out: list[bytes] = []
+    stop = threading.Event()
+
+    def host_side():
+        """Collect what reaches the TAP; meanwhile send numbered frames in."""
+        sent = 0
+        host.settimeout(0.01)
+        while not stop.is_set():
+            if sent < total_in:
+                host.send(numbered(1, start=sent, out=False)[0])
+                sent += 1
+            try:
+                data = host.recv(2000)
+            except TimeoutError:
+                continue
+            if ours(data) and data[:6] == HOST_MAC:
+                received_out.append(data)
+
+    with NetFrontend.connect(d.sock, queue_size=512) as fe:
+        fe.post_rx()
+        thread = threading.Thread(target=host_side)
+        thread.start()
+        outgoing = numbered(total_out)
+        got_in: list[bytes] = []
+        sent = switches = 0
+        kinds = ["python", "kernel"] * 5
+        try:
+            while sent < total_out or len(got_in) < total_in:
+                for f in outgoing[sent : sent + 100]:
+                    fe.send(f)
+                sent = min(sent + 100, total_out)
+                got_in += [f for f in fe.receive(timeout=0.05, count=512) if ours(f)]
+                if sent % 300 == 0 and switches < len(kinds):
+                    reply = request(stats, {"cmd": "datapath", "to": kinds[switches]})
+                    assert reply["ok"], reply
+                    switches += 1
+                wait_for(lambda s=sent: fe.tx_done() == s, 20, "TX completions")
+            wait_for(lambda: len(received_out) >= total_out, 20, "the frames at the TAP")
+        finally:
+            stop.set()
+            thread.join(10)
+    assert switches == 10
+    assert received_out == outgoing  # guest to host: none lost, doubled or reordered
+    assert got_in == numbered(total_in, out=False)  # host to guest: likewise
+    host.close()
+
+
+def test_a_frontend_that_leaves_leaves_nothing_and_the_next_is_served(net_daemon, netns):
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    host = big_socket(netns, d.ifname)
+    with NetFrontend.connect(d.sock) as fe:  # the daemon's own fds settle
+        fe.send(numbered(1)[0])
+        recv_ours(host, 1)
+    wait_for(lambda: not d.proc.maps("pyvhost-frontend-ram"), 10, "the session to end")
+    baseline = d.proc.fds()
+    for _ in range(3):
+        fe = NetFrontend.connect(d.sock)
+        fe.post_rx()
+        sent = numbered(10)
+        for f in sent:
+            fe.send(f)
+        assert recv_ours(host, 10) == sent
+        bases = fe.stop_rings()  # GET_VRING_BASE: the kernel's own index
+        assert bases[spec.tx_queue(0)] == 10
+        fe.close()
+        wait_for(lambda: not d.proc.maps("pyvhost-frontend-ram"), 10, "the memory to go")
+        wait_for(lambda: d.proc.fds() == baseline, 10, "the session's fds to close")
+    host.close()
+
+
+def test_the_memory_slot_limit_is_the_kernels(net_daemon):
+    from pyvhost.backends.vhost_net import max_mem_regions
+
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    with NetFrontend.connect(d.sock) as fe:
+        assert fe.client.get_max_mem_slots() == max_mem_regions()  # 64 unless tuned
