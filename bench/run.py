@@ -55,9 +55,10 @@ def pyvhost_variants(args) -> dict[str, list[str]]:
     return out
 
 
-def pyvhost_net(sock: str, ifname: str, tuning: list[str] = ()) -> list[str]:
-    """`pyvhost net` on a new TAP, with a variant's options."""
-    return ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}", *tuning]
+def pyvhost_net(sock: str, ifname: str, tuning: list[str] = (), netdev: str = "") -> list[str]:
+    """`pyvhost net` on a new TAP, with a variant's options (`netdev`: more
+    tap options, e.g. ",vhost=on")."""
+    return ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}{netdev}", *tuning]
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -229,14 +230,14 @@ def bench_pps(args, workdir: Path) -> dict:
     return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
 
 
-def start_tap_backend(kind: str, ifname: str, sock: str):
+def start_tap_backend(kind: str, ifname: str, sock: str, netdev: str = ""):
     """The backend under test on a TAP in this namespace: (process, its PID).
 
     The TAP needs no address, so it stays here, up, with IPv6 off so the
     kernel adds no frames of its own.
     """
     if kind == "pyvhost":
-        backend = PyvhostProcess(pyvhost_net(sock, ifname), sock)
+        backend = PyvhostProcess(pyvhost_net(sock, ifname, netdev=netdev), sock)
         pin(backend.pid, BACKEND_CORE)
         pid = backend.pid
     else:
@@ -271,13 +272,15 @@ def stop_backend(backend) -> None:
         backend.stop()
 
 
-def pps_once(kind: str, size: int, seconds: int, workdir: Path) -> tuple[float, float, float]:
+def pps_once(
+    kind: str, size: int, seconds: int, workdir: Path, netdev: str = ""
+) -> tuple[float, float, float]:
     """Frames per second arriving on the TAP, written there by the backend."""
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / f"pps-{kind}-{uuid.uuid4().hex[:6]}.sock")  # testpmd leaves its file
     backend = gen = None
     try:
-        backend, pid = start_tap_backend(kind, ifname, sock)
+        backend, pid = start_tap_backend(kind, ifname, sock, netdev)
         gen = Testpmd(
             f"net_virtio_user0,path={sock},queues=1,queue_size=256",
             ["--forward-mode=txonly", f"--txpkts={size}", "--auto-start"],
@@ -339,7 +342,7 @@ def tap_tx_counters(ifname: str) -> tuple[int, int]:
     return tx["packets"], tx["dropped"]
 
 
-def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> dict:
+def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path, netdev: str = "") -> dict:
     """Frames injected into the TAP (testpmd's af_packet PMD, txonly) that reach a
     testpmd virtio_user front-end in rxonly mode, through the backend under test.
 
@@ -350,7 +353,7 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path) -> dict:
     sock = str(workdir / f"rx-{kind}-{uuid.uuid4().hex[:6]}.sock")
     backend = receiver = gen = None
     try:
-        backend, pid = start_tap_backend(kind, ifname, sock)
+        backend, pid = start_tap_backend(kind, ifname, sock, netdev)
         ip("link", "set", "dev", ifname, "txqueuelen", str(RX_TAP_QUEUE))
         # The receiver and the generator share core 0; the backend has core 1.
         receiver = Testpmd(
@@ -398,7 +401,7 @@ def bench_tso(args, workdir: Path) -> dict:
     return {name: tso_runs(args, workdir, tuning) for name, tuning in variants.items()}
 
 
-def tso_runs(args, workdir: Path, tuning: list[str]) -> dict:
+def tso_runs(args, workdir: Path, tuning: list[str], netdev: str = "") -> dict:
     from frames import gso_frame_and_header
     from pyvhost.frontend.net import NetFrontend
 
@@ -408,11 +411,12 @@ def tso_runs(args, workdir: Path, tuning: list[str]) -> dict:
         netns = NetNamespace("pyvhost-bench")
         ifname = f"pb{uuid.uuid4().hex[:8]}"
         sock = str(workdir / "tso.sock")
-        d = PyvhostProcess(pyvhost_net(sock, ifname, tuning), sock)
+        d = PyvhostProcess(pyvhost_net(sock, ifname, tuning, netdev), sock)
         pin(d.pid, BACKEND_CORE)
         try:
             ip("link", "set", "dev", ifname, "netns", netns.name)
             netns.ip("link", "set", "dev", ifname, "up")
+            c0 = cpu_seconds(d.pid)
             # 16 KiB RX buffers, as a Linux guest's mergeable buffers grow to under
             # bulk traffic: 5 chains per 64 KiB frame rather than 33.
             with NetFrontend.connect(sock, rx_buf_size=16384) as fe:
@@ -430,6 +434,7 @@ def tso_runs(args, workdir: Path, tuning: list[str]) -> dict:
                 _, b1 = tap_counters(ifname, netns)
                 res["to_host_gbits"].append((b1 - b0) * 8 / (time.monotonic() - t0) / 1e9)
                 res["to_guest_gbits"].append(tso_to_guest(fe, netns, ifname, args.seconds))
+            res.setdefault("backend_cpu_seconds", []).append(cpu_seconds(d.pid) - c0)
         finally:
             d.stop()
             netns.delete()
