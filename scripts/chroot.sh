@@ -8,6 +8,8 @@
 #   demo      bash scripts/demo.sh ARGS   inside the chroot
 #   test      bash scripts/test.sh ARGS   inside the chroot (the default)
 #   shell     an interactive shell there
+#   keep DIR  leave a fresh chroot with QEMU installed at DIR, unmounted (for
+#             bench/msix.py, which runs that release's QEMU); rm -rf DIR after
 # Environment:
 #   PYVHOST_CHROOT_DIR  where chroots are kept (default /var/tmp/pyvhost-chroots)
 #   PYVHOST_CHROOT_FRESH=1  debootstrap anew even if a cached chroot exists
@@ -52,6 +54,23 @@ if [ ! -f "$tarball" ] || [ "${PYVHOST_CHROOT_FRESH:-0}" = 1 ]; then
     mv "$tarball.tmp" "$tarball"
     rm -rf "$build"
     trap - EXIT
+fi
+
+if [ "$what" = keep ]; then
+    root=${1:?usage: bash scripts/chroot.sh RELEASE keep DIR}
+    [ -e "$root" ] && { echo "scripts/chroot.sh: $root exists; remove it or choose another" >&2; exit 2; }
+    mkdir -p "$root"
+    tar -C "$root" -xf "$tarball"
+    chmod 755 "$root"
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    mount -t proc proc "$root/proc"
+    trap 'umount "$root/proc"' EXIT
+    echo "==> installing qemu-system-x86 in $root"
+    chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+        bash -c 'apt-get update -q && apt-get install -y -q --no-install-recommends qemu-system-x86' \
+        >"$root.log" 2>&1 || { tail -20 "$root.log"; exit 1; }
+    echo "==> kept: $root ($(chroot "$root" qemu-system-x86_64 --version | head -1)); rm -rf $root when done"
+    exit 0
 fi
 
 root=$(mktemp -d "$store/run-$release.XXXXXX")

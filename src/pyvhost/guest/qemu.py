@@ -33,15 +33,16 @@ class GuestError(PyvhostError):
 
 
 @functools.cache
-def qemu_version(binary: str = QEMU) -> tuple[int, int, int]:
-    """The version of the QEMU on PATH, as (major, minor, micro)."""
+def qemu_version(binary: str = QEMU, wrapper: tuple[str, ...] = ()) -> tuple[int, int, int]:
+    """The version of the QEMU on PATH (run through `wrapper`, e.g. a chroot), as
+    (major, minor, micro)."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+        r = subprocess.run([*wrapper, binary, "--version"], capture_output=True, text=True)
     except FileNotFoundError:
         raise GuestError(f"{binary} not found: apt-get install qemu-system-x86") from None
-    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", r.stdout)
     if m is None:
-        raise GuestError(f"cannot tell {binary}'s version from: {out.strip()!r}")
+        raise GuestError(f"cannot tell {binary}'s version from: {(r.stdout or r.stderr).strip()!r}")
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
@@ -92,6 +93,8 @@ class VmOptions:
     extra_append: str = ""
     taskset: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    # Run QEMU through this (e.g. ["chroot", "/srv/trixie"]: another release's QEMU).
+    wrapper: list[str] = field(default_factory=list)
 
 
 def vm_args(o: VmOptions) -> list[str]:
@@ -110,6 +113,7 @@ def vm_args(o: VmOptions) -> list[str]:
         "-append", append.strip(),
         *nic, *o.extra_args,
     ]  # fmt: skip
+    cmd = [*o.wrapper, *cmd]
     if o.taskset:
         cmd = ["taskset", "-c", o.taskset, *cmd]
     return cmd
@@ -119,7 +123,7 @@ class Guest:
     """A running QEMU guest, driven through pyvhost's init on its serial console."""
 
     def __init__(self, options: VmOptions, log_path: str | None = None) -> None:
-        if shutil.which(QEMU) is None:
+        if not options.wrapper and shutil.which(QEMU) is None:
             raise GuestError(f"{QEMU} not found: apt-get install qemu-system-x86")
         self.options = options
         self.started = time.monotonic()
