@@ -25,7 +25,7 @@ from pathlib import Path
 from pyvhost.errors import PyvhostError
 
 # Bump when what goes into the image changes: old caches are then rebuilt.
-IMAGE_VERSION = 5
+IMAGE_VERSION = 6
 # Modules each guest role needs, by name; their dependencies are found in the
 # modules themselves (.modinfo), so the load order fits whatever kernel
 # version the distribution ships. Built-in ones (modules.builtin) are skipped.

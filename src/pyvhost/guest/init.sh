@@ -27,7 +27,8 @@ if [ -n "$IP" ]; then
 fi
 # With pyvhost.hostroot=TAG, the host's root (virtio-9p, read-only) becomes
 # this guest's: commands run chrooted in it, with the host's programs and
-# this guest's kernel (vhost-net included), /proc, /sys, /dev and tmpfs.
+# this guest's kernel (vhost-net included), /proc, /sys, /dev and a tmpfs
+# for scratch (TMPDIR).
 RUN=""
 if [ -n "$HOSTROOT" ]; then
     mkdir -p /host
@@ -39,11 +40,12 @@ if [ -n "$HOSTROOT" ]; then
     mkdir -p /host/dev/shm /host/dev/pts
     mount -t tmpfs shm /host/dev/shm
     mount -t devpts devpts /host/dev/pts
-    mount -t tmpfs tmp /host/tmp
+    # Scratch space on a tmpfs under /run: the host's /tmp stays visible
+    # (read-only), a checkout there included.
     mount -t tmpfs run /host/run
-    mount -t tmpfs vartmp /host/var/tmp
+    mkdir -p /host/run/tmp
     RUN="chroot /host /usr/bin/env -i HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        TMPDIR=/run/tmp PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 fi
 stty -echo -icanon -F /dev/console 2>/dev/null || stty -echo
 echo "PYVHOST-READY $(cut -d' ' -f1 /proc/uptime)"
