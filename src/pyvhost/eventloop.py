@@ -12,6 +12,7 @@ spinning.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -32,34 +33,53 @@ _EPOLL_RESOLUTION_NS = 1_000_000
 class Timer:
     """A pending call_at(); cancel() makes it a no-op."""
 
-    __slots__ = ("when_ns", "callback", "cancelled")
+    __slots__ = ("when_ns", "callback", "cancelled", "owner")
 
-    def __init__(self, when_ns: int, callback: Callback) -> None:
+    def __init__(self, when_ns: int, callback: Callback, owner: object = None) -> None:
         self.when_ns = when_ns
         self.callback = callback
         self.cancelled = False
+        self.owner = owner
 
     def cancel(self) -> None:
         self.cancelled = True
 
 
 class EventLoop:
+    """Callbacks belong to an owner: whoever was running (or `owned_by`) when they
+    were registered. An exception a callback raises goes to its owner's
+    `loop_error(exc)` (a daemon drops that one session), else to
+    `error_handler`, else out of run_once. Several sessions share one loop
+    (the switch's ports) without one's failure touching another."""
+
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._callbacks: dict[int, list[Callback | None]] = {}  # fd -> [reader, writer]
-        self._pollers: dict[object, Callback] = {}
-        self._busy: dict[object, Callback] = {}
+        # fd -> [reader, writer, reader's owner, writer's owner]
+        self._callbacks: dict[int, list] = {}
+        self._pollers: dict[object, tuple[Callback, object]] = {}
+        self._busy: dict[object, tuple[Callback, object]] = {}
         self._timers: list[tuple[int, int, Timer]] = []  # heap of (when_ns, seq, timer)
-        self._soon: list[Callback] = []  # run once, at the next iteration
+        self._soon: list[tuple[Callback, object]] = []  # run once, at the next iteration
         self._seq = itertools.count()
         self.stopping = False
-        # Called with an exception a callback raised (then the loop goes on);
-        # None: the exception propagates out of run_once.
+        self.owner: object = None  # whose callbacks run, and are registered, now
+        # Called with an exception whose owner has no loop_error (then the loop
+        # goes on); None: the exception propagates out of run_once.
         self.error_handler: Callable[[Exception], None] | None = None
 
+    @contextlib.contextmanager
+    def owned_by(self, owner: object):
+        """Callbacks registered inside the block belong to `owner`."""
+        previous, self.owner = self.owner, owner
+        try:
+            yield
+        finally:
+            self.owner = previous
+
     def _update(self, fd: int, slot: int, callback: Callback | None) -> None:
-        cbs = self._callbacks.get(fd, [None, None])
+        cbs = self._callbacks.get(fd, [None, None, None, None])
         cbs[slot] = callback
+        cbs[slot + 2] = self.owner
         events = (selectors.EVENT_READ if cbs[0] else 0) | (selectors.EVENT_WRITE if cbs[1] else 0)
         try:
             if fd in self._callbacks:
@@ -91,13 +111,13 @@ class EventLoop:
             self._update(fd, 1, None)
 
     def add_poller(self, key: object, callback: Callback) -> None:
-        self._pollers[key] = callback
+        self._pollers[key] = (callback, self.owner)
 
     def remove_poller(self, key: object) -> None:
         self._pollers.pop(key, None)
 
     def add_busy_poller(self, key: object, callback: Callback) -> None:
-        self._busy[key] = callback
+        self._busy[key] = (callback, self.owner)
 
     def remove_busy_poller(self, key: object) -> None:
         self._busy.pop(key, None)
@@ -105,11 +125,11 @@ class EventLoop:
     def call_soon(self, callback: Callback) -> None:
         """Run `callback` once at the next iteration, after the fds that are ready:
         a handler that used up its budget yields to the others this way."""
-        self._soon.append(callback)
+        self._soon.append((callback, self.owner))
 
     def call_at(self, when_ns: int, callback: Callback) -> Timer:
         """Run `callback` once, at time.monotonic_ns() >= when_ns."""
-        timer = Timer(when_ns, callback)
+        timer = Timer(when_ns, callback, self.owner)
         heapq.heappush(self._timers, (when_ns, next(self._seq), timer))
         return timer
 
@@ -136,15 +156,19 @@ class EventLoop:
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
-                self._call(timer.callback)
+                self._call(timer.callback, timer.owner)
 
-    def _call(self, callback: Callback) -> None:
+    def _call(self, callback: Callback, owner: object) -> None:
+        previous, self.owner = self.owner, owner
         try:
             callback()
         except Exception as e:
-            if self.error_handler is None:
+            handler = getattr(owner, "loop_error", None) or self.error_handler
+            if handler is None:
                 raise
-            self.error_handler(e)
+            handler(e)
+        finally:
+            self.owner = previous
 
     def run_once(self, timeout: float | None = None) -> None:
         events = self._selector.select(self._sleep_limit(timeout))
@@ -158,21 +182,21 @@ class EventLoop:
             if cbs is not key.data:
                 continue
             if mask & selectors.EVENT_READ and cbs[0] is not None:
-                call(cbs[0])
+                call(cbs[0], cbs[2])
             if (
                 mask & selectors.EVENT_WRITE
                 and cbs[1] is not None
                 and self._callbacks.get(key.fd) is cbs
             ):
-                call(cbs[1])
-        for poll in list(self._pollers.values()):
-            call(poll)
-        for poll in list(self._busy.values()):
-            call(poll)
+                call(cbs[1], cbs[3])
+        for poll, owner in list(self._pollers.values()):
+            call(poll, owner)
+        for poll, owner in list(self._busy.values()):
+            call(poll, owner)
         if self._soon:
             soon, self._soon = self._soon, []
-            for callback in soon:
-                call(callback)
+            for callback, owner in soon:
+                call(callback, owner)
         self._run_timers()
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float = 0.5) -> None:

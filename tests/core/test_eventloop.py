@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from pyvhost.eventloop import EventLoop
 
 
@@ -89,3 +91,48 @@ def test_a_busy_poller_keeps_the_loop_from_sleeping():
     loop.remove_busy_poller("tx0")
     loop.close()
     os.close(fd)
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def loop_error(self, error: Exception) -> None:
+        self.errors.append(error)
+
+
+def test_a_failing_callback_reaches_its_owner_and_the_others_run_on():
+    """Two sessions on one loop (the switch's ports): one's bug is its own."""
+    loop = EventLoop()
+    a, b = Owner(), Owner()
+    ran = []
+    fds = [os.eventfd(1), os.eventfd(1)]
+
+    def broken():
+        raise RuntimeError("a bug in a's datapath")
+
+    def fine():
+        os.eventfd_read(fds[1])
+        ran.append("b")
+        loop.call_soon(lambda: ran.append("b again"))  # registered while b's callback runs
+
+    with loop.owned_by(a):
+        loop.add_reader(fds[0], broken)
+    with loop.owned_by(b):
+        loop.add_reader(fds[1], fine)
+    loop.run_once(0)
+    loop.remove_reader(fds[0])
+    loop.run_once(0)
+    assert [str(e) for e in a.errors] == ["a bug in a's datapath"]
+    assert b.errors == [] and ran == ["b", "b again"]
+    loop.close()
+    for fd in fds:
+        os.close(fd)
+
+
+def test_without_an_owner_an_error_propagates():
+    loop = EventLoop()
+    loop.call_soon(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        loop.run_once(0)
+    loop.close()

@@ -53,10 +53,12 @@ class Daemon:
         self.backend: Backend | None = None
         self.sessions = 0  # front-ends served so far
         self._next_connect = 0.0
-        self.loop.error_handler = self._on_loop_error
-        device.attach(self.loop)
-        if not client:
-            self._listen()
+        # Everything this daemon registers (and what its sessions register)
+        # is its own: a datapath error ends its session, not another's.
+        with self.loop.owned_by(self):
+            device.attach(self.loop)
+            if not client:
+                self._listen()
 
     # --- sockets --------------------------------------------------------------
 
@@ -132,7 +134,7 @@ class Daemon:
             for frame in frames:  # not reached: their fds are ours to close
                 frame.close_fds()
 
-    def _on_loop_error(self, error: Exception) -> None:
+    def loop_error(self, error: Exception) -> None:
         """A datapath callback (a kick, the TAP) raised: drop the session, serve on."""
         log.error(
             "session %d: unexpected error in the datapath; dropping this front-end",
@@ -160,7 +162,8 @@ class Daemon:
 
     def run_once(self, timeout: float | None = 0.5) -> None:
         if self.client and self.conn is None:
-            self._try_connect()
+            with self.loop.owned_by(self):
+                self._try_connect()
             timeout = RECONNECT_INTERVAL if timeout is None else min(timeout, RECONNECT_INTERVAL)
         self.loop.run_once(timeout)
 
@@ -171,7 +174,8 @@ class Daemon:
 
     def close(self) -> None:
         """End the session, stop listening, remove the socket file."""
-        self._end_session()
+        with self.loop.owned_by(self):
+            self._end_session()
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
