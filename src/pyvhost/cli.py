@@ -90,6 +90,59 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
     st.add_argument("--json", action="store_true", help="print JSON")
 
+    sw = sub.add_parser(
+        "switch",
+        help="switch VMs (vhost-user ports) to each other and to TAPs, with Python hooks",
+        description="An L2 learning switch: MAC table with ageing, 802.1Q access and "
+        "trunk ports, per-port MTU, Python hooks per port. Ports come from the options "
+        "below or from a TOML file (--config); both may be given.",
+    )
+    sw.add_argument("--config", metavar="FILE.toml", help="ports, uplinks and their settings")
+    sw.add_argument(
+        "--port",
+        action="append",
+        metavar="NAME=SOCKET[,client]",
+        help="a VM port on a vhost-user socket (client: connect to a listening QEMU)",
+    )
+    sw.add_argument(
+        "--uplink", action="append", metavar="NAME=tap,OPTIONS", help="a TAP, --netdev grammar"
+    )
+    sw.add_argument("--vlan", action="append", metavar="PORT=VID", help="an access port's VLAN")
+    sw.add_argument(
+        "--trunk",
+        action="append",
+        metavar="PORT=VID:VID...[,native=VID]",
+        help="a trunk port's tagged VLANs (and its untagged one)",
+    )
+    sw.add_argument("--mtu", action="append", metavar="PORT=N", help="a port's MTU (1500)")
+    sw.add_argument("--mac", action="append", metavar="PORT=MAC", help="a VM port's MAC")
+    sw.add_argument(
+        "--lock", action="append", metavar="PORT", help="only the port's --mac may send from it"
+    )
+    sw.add_argument("--hook", action="append", metavar="PORT=module:function", help="a Python hook")
+    sw.add_argument(
+        "--control", metavar="PATH", help="control socket (default: first SOCKET.stats)"
+    )
+    sw.add_argument("-v", "--verbose", action="count", default=0)
+
+    hk = sub.add_parser("hook", help="add, replace, remove or list a running switch's hooks")
+    hk.add_argument("--control", required=True, metavar="PATH", help="the switch's control socket")
+    hk.add_argument("port")
+    hk.add_argument("action", choices=("add", "remove", "set", "list"))
+    hk.add_argument("specs", nargs="*", metavar="module:function")
+
+    cap = sub.add_parser(
+        "capture",
+        help="live traffic as pcapng (tcpdump -r and Wireshark read it)",
+        description="Capture a running pyvhost switch's or pyvhost net's traffic.",
+    )
+    cap.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket")
+    cap.add_argument("--control", metavar="PATH", help="or a control socket (a switch's)")
+    cap.add_argument("--port", action="append", metavar="NAME", help="only these ports")
+    cap.add_argument("-w", dest="out", default="-", metavar="FILE", help="FILE, or - (stdout)")
+    cap.add_argument("-c", "--count", type=int, metavar="N", help="stop after N frames")
+    cap.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+
     dp = sub.add_parser(
         "datapath",
         help="move a running pyvhost net's queue pairs between the kernel (vhost-net) and "
@@ -382,8 +435,63 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from pyvhost.stats import fetch, format_table, stats_path
 
     snap = fetch(args.stats_socket or stats_path(args.socket))
-    print(json.dumps(snap, indent=1) if args.json else format_table(snap))
+    if args.json:
+        print(json.dumps(snap, indent=1))
+    elif snap.get("device") == "switch":
+        from pyvhost.switch.server import format_switch
+
+        print(format_switch(snap))
+    else:
+        print(format_table(snap))
     return 0
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    from pyvhost.switch.config import from_args
+    from pyvhost.switch.server import SwitchServer, format_switch
+
+    server = SwitchServer(from_args(args))
+    ports = ", ".join(
+        f"{p.name} ({p.kind}{' ' + p.socket_path if p.kind == 'vm' else ''})"
+        for p in [*server.vm_ports, *server.uplinks]
+    )
+    print(f"pyvhost: switch with ports {ports}; control {server.cfg.control}", flush=True)
+    wake = SignalWakeup(server.loop, lambda: print(format_switch(server.stats()), flush=True))
+    try:
+        server.run()
+    finally:
+        snapshot = server.stats()
+        server.close()
+        wake.close()
+    print(format_switch(snapshot), flush=True)
+    return 0
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    from pyvhost.control import request
+
+    command: dict = {"cmd": "hook", "port": args.port}
+    if args.action == "set":
+        command["set"] = args.specs
+    elif args.action in ("add", "remove"):
+        if len(args.specs) != 1:
+            raise OptionError(f"hook {args.action} takes one module:function")
+        command[args.action] = args.specs[0]
+    reply = request(args.control, command)
+    if not reply.get("ok"):
+        raise PyvhostError(reply.get("error", "refused"))
+    print(f"{reply['port']}: {', '.join(reply['hooks']) or 'no hooks'}")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from pyvhost.capture_client import capture
+    from pyvhost.stats import stats_path
+
+    if bool(args.socket) == bool(args.control):
+        raise OptionError("give --socket (a pyvhost net) or --control (a control socket)")
+    path = args.control or stats_path(args.socket)
+    return capture(path, args.port, args.out, args.count, args.seconds)
 
 
 def cmd_datapath(args: argparse.Namespace) -> int:
@@ -458,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         "net": cmd_net,
         "stats": cmd_stats,
         "datapath": cmd_datapath,
+        "switch": cmd_switch,
+        "hook": cmd_hook,
+        "capture": cmd_capture,
         "demo": cmd_demo,
         "qemu-args": cmd_qemu_args,
         "guest": cmd_guest,

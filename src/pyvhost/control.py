@@ -30,6 +30,31 @@ SILENT_CLIENT_NS = 200_000_000
 MAX_REQUEST = 65536
 
 Handler = Callable[[dict], dict]
+# The most a streaming client (a live capture) may lag behind, in bytes; past
+# it, what the datapath writes for it is dropped (and counted), never waited on.
+STREAM_BUFFER = 8 << 20
+
+
+class Stream:
+    """A connection handed to a command that streams (a capture): bytes out,
+    without ever blocking the loop, and a callback when the client goes."""
+
+    def __init__(self, server: ControlServer, client: _Client) -> None:
+        self._server = server
+        self._client = client
+        self.on_close: Callable[[], None] | None = None
+
+    def write(self, data: bytes) -> bool:
+        return self._server._stream_write(self._client, data)
+
+    def close(self) -> None:
+        self._server._close(self._client)
+
+
+def streaming(handler: Callable[[dict, Stream], dict]) -> Callable[[dict, Stream], dict]:
+    """Mark a command handler as one that takes over its connection."""
+    handler.streaming = True  # type: ignore[attr-defined]
+    return handler
 
 
 class ControlServer:
@@ -66,7 +91,7 @@ class ControlServer:
         )
 
     def _on_silent(self, client: _Client) -> None:
-        if client.closed or client.buf:
+        if client.closed or client.buf or client.answered:
             return
         self._answer(client, {"cmd": "stats"})
         self._close(client)
@@ -83,6 +108,8 @@ class ControlServer:
                 self._answer(client, {"cmd": "stats"})
             self._close(client)
             return
+        if client.stream is not None:
+            return  # a streaming client has nothing more to ask
         client.buf += data
         if len(client.buf) > MAX_REQUEST:
             self._send(client, {"ok": False, "error": "request too long"})
@@ -105,6 +132,19 @@ class ControlServer:
         handler = self.handlers.get(cmd)
         if handler is None:
             reply = {"ok": False, "error": f"unknown command {cmd!r}; try {sorted(self.handlers)}"}
+        elif getattr(handler, "streaming", False):
+            stream = Stream(self, client)
+            try:
+                reply = {"ok": True, **handler(request, stream)}
+            except PyvhostError as e:
+                reply = {"ok": False, "error": str(e)}
+                client.out.clear()
+                self.loop.remove_writer(client.conn.fileno())
+            else:
+                client.stream = stream
+                client.buf = b""
+            self._send(client, reply)
+            return
         else:
             try:
                 reply = {"ok": True, **handler(request)}
@@ -117,6 +157,10 @@ class ControlServer:
 
     def _send(self, client: _Client, reply: dict) -> None:
         data = json.dumps(reply).encode() + b"\n"  # one line: the client reads to the newline
+        if client.stream is not None:  # the stream's first line: queued before its bytes
+            client.out[:0] = data
+            self.loop.add_writer(client.conn.fileno(), lambda: self._flush(client))
+            return
         try:
             client.conn.setblocking(True)
             client.conn.settimeout(1.0)
@@ -126,6 +170,26 @@ class ControlServer:
             log.debug("control client went away: %s", e)
             self._close(client)
 
+    def _stream_write(self, client: _Client, data: bytes) -> bool:
+        if client.closed or len(client.out) + len(data) > STREAM_BUFFER:
+            return False
+        if not client.out:
+            self.loop.add_writer(client.conn.fileno(), lambda: self._flush(client))
+        client.out += data
+        return True
+
+    def _flush(self, client: _Client) -> None:
+        try:
+            sent = client.conn.send(client.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(client)
+            return
+        del client.out[:sent]
+        if not client.out:
+            self.loop.remove_writer(client.conn.fileno())
+
     def _close(self, client: _Client) -> None:
         if client.closed:
             return
@@ -134,8 +198,11 @@ class ControlServer:
             client.timer.cancel()
         fd = client.conn.fileno()
         self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
         self._clients.pop(fd, None)
         client.conn.close()
+        if client.stream is not None and client.stream.on_close is not None:
+            client.stream.on_close()
 
     def close(self) -> None:
         for client in list(self._clients.values()):
@@ -149,7 +216,7 @@ class ControlServer:
 
 
 class _Client:
-    __slots__ = ("conn", "buf", "timer", "closed", "answered")
+    __slots__ = ("conn", "buf", "timer", "closed", "answered", "stream", "out")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
@@ -157,6 +224,8 @@ class _Client:
         self.timer: Timer | None = None
         self.closed = False
         self.answered = False
+        self.stream: Stream | None = None
+        self.out = bytearray()  # what a stream still has to send
 
 
 def request(path: str, command: dict, timeout: float = 10.0) -> dict:

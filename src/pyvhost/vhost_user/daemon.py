@@ -172,6 +172,12 @@ class Daemon:
         while not self.loop.stopping:
             self.run_once()
 
+    def connect_if_due(self) -> None:
+        """Client mode without a front-end: try again, at most every half second."""
+        if self.client and self.conn is None:
+            with self.loop.owned_by(self):
+                self._try_connect()
+
     def close(self) -> None:
         """End the session, stop listening, remove the socket file."""
         with self.loop.owned_by(self):
@@ -185,6 +191,15 @@ class Daemon:
             except FileNotFoundError:
                 pass
         self.device.detach()
+
+
+def run_daemons(daemons: list[Daemon], loop: EventLoop) -> None:
+    """Serve several daemons on one loop (the switch's ports) until loop.stop()."""
+    clients = [d for d in daemons if d.client]
+    while not loop.stopping:
+        for d in clients:
+            d.connect_if_due()
+        loop.run_once(RECONNECT_INTERVAL if clients else 0.5)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -40,3 +40,27 @@ def scatter(views: list[memoryview], data: bytes | memoryview) -> int:
         if pos == len(data):
             break
     return pos
+
+
+def copy_views(src: list, dst: list) -> int:
+    """Copy the concatenation of `src` into the concatenation of `dst`, as far
+    as it fits; returns the bytes copied. One memcpy per overlapping piece."""
+    di = 0
+    doff = 0
+    copied = 0
+    for s in src:
+        soff = 0
+        n = len(s)
+        while soff < n:
+            if di == len(dst):
+                return copied
+            d = dst[di]
+            k = min(n - soff, len(d) - doff)
+            d[doff : doff + k] = s[soff : soff + k]
+            soff += k
+            doff += k
+            copied += k
+            if doff == len(d):
+                di += 1
+                doff = 0
+    return copied

@@ -53,11 +53,17 @@ STREAMING_BYTES = 32 * 1024
 
 
 class HostQueue(Protocol):
-    """One host-side queue of frames, as the TAP backend offers it."""
+    """One host-side queue of frames: a TAP queue, or a switch port.
+
+    `fileno()` is the fd that turns readable when frames wait (a TAP); a host
+    side that pushes frames instead returns None and calls
+    `QueuePair.process_tap_rx_event()` itself, which then reads them with
+    `read_iovec`. Either way `read_iovec` raises BlockingIOError when no frame
+    waits, and a frame carries a virtio-net header when `has_vnet_hdr`."""
 
     has_vnet_hdr: bool
 
-    def fileno(self) -> int: ...
+    def fileno(self) -> int | None: ...
 
     def read_iovec(self, buffers: list) -> int: ...
 
@@ -220,6 +226,8 @@ class QueuePair:
 
     def _update_reading(self) -> None:
         fd = self.host.fileno()
+        if fd is None:
+            return  # a host side that pushes frames (a switch port): nothing to poll
         if self.rxq is not None and self.rx_enabled and not self.rx_starved:
             self.loop.add_reader(fd, self.process_tap_rx_event)
         else:

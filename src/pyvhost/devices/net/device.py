@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from typing import Protocol
 
 from pyvhost.backends.vhost_net import VhostNet, max_mem_regions
@@ -144,6 +145,7 @@ class VirtioNet(VirtioDevice):
         self._data_rings: dict[int, RingConfig] = {}  # started RX/TX rings, by index
         self._enabled: set[int] = set()  # ... and which of them are enabled
         self._ctrl_ring: ServedRing | None = None
+        self.on_reset: Callable[[], None] | None = None  # told when the driver goes
         self._ctrlq: SplitQueue | None = None
         self._ctrl_notifier: QueueNotifier | None = None
 
@@ -374,6 +376,8 @@ class VirtioNet(VirtioDevice):
         """Every ring has been stopped by the transport already."""
         for k in self.kernel_pairs:
             k.reset()  # the kernel lets go of the session's memory and eventfds
+        if self.on_reset is not None:
+            self.on_reset()
         self.acked_features = 0
         self.mac = self.configured_mac
         self.rx_mode = ctrl.RxMode()
