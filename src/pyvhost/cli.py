@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="as ethtool -C rx-usecs: signal received frames at most once per N us, "
         f"a lone one at once (default {DEFAULT_RX_USECS}; 0: every time)",
     )
+    net.add_argument(
+        "--hook",
+        action="append",
+        metavar="PAIR=module:function",
+        help="a Python hook on queue pair PAIR's frames (pair0, pair1, ...); runs in the "
+        "Python datapath",
+    )
     net.add_argument("--user", help="drop to this user once the TAP is open")
     net.add_argument("--group", help="drop to this group once the TAP is open")
     net.add_argument(
@@ -125,8 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("-v", "--verbose", action="count", default=0)
 
-    hk = sub.add_parser("hook", help="add, replace, remove or list a running switch's hooks")
-    hk.add_argument("--control", required=True, metavar="PATH", help="the switch's control socket")
+    hk = sub.add_parser(
+        "hook",
+        help="add, replace, remove or list the hooks of a running switch's port, or of a "
+        "pyvhost net's queue pair (ports pair0, pair1, ...)",
+    )
+    hk.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket")
+    hk.add_argument("--control", metavar="PATH", help="or a control socket (a switch's)")
     hk.add_argument("port")
     hk.add_argument("action", choices=("add", "remove", "set", "list"))
     hk.add_argument("specs", nargs="*", metavar="module:function")
@@ -345,6 +357,7 @@ def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.backends.tap_options import parse_netdev
     from pyvhost.control import ControlServer
     from pyvhost.devices.net.device import VirtioNet
+    from pyvhost.net_commands import NetCommands
     from pyvhost.stats import format_table
     from pyvhost.vhost_user.daemon import Daemon
 
@@ -382,33 +395,16 @@ def cmd_net(args: argparse.Namespace) -> int:
         )
         daemon = served = Daemon(device, args.socket, client=args.client)
 
-        def snapshot() -> dict:
-            return {
-                "device": device.name,
-                "interface": netdev.ifname,
-                "socket": args.socket,
-                "sessions": served.sessions,
-                "features": f"0x{device.acked_features:x}",
-                "datapaths": device.datapaths(),
-                "queues": {name: c.as_dict() for name, c in device.counters().items()},
-            }
-
-        def datapath(req: dict) -> dict:
-            to = req.get("to")
-            pair = req.get("pair")
-            pairs = range(len(netdev.queues)) if pair is None else [pair]
-            for p in pairs:
-                if not isinstance(p, int):
-                    raise OptionError(f"pair {p!r}: a queue pair number")
-                device.switch_datapath(p, to)
-            return {"datapaths": device.datapaths()}
+        commands = NetCommands(device, netdev.ifname, args.socket, lambda: served.sessions)
+        snapshot = commands.stats
+        for spec in args.hook or []:
+            port, _, hook = spec.partition("=")
+            commands.hook({"port": port, "add": hook})
 
         def print_stats() -> None:
             print(format_table(snapshot()), flush=True)
 
-        stats = ControlServer(
-            stats_file, daemon.loop, {"stats": lambda req: snapshot(), "datapath": datapath}
-        )
+        stats = ControlServer(stats_file, daemon.loop, commands.handlers())
         owned = [stats.path] + ([] if args.client else [args.socket])
         drop_privileges(uid, gid, owned)
         print(
@@ -469,6 +465,10 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 def cmd_hook(args: argparse.Namespace) -> int:
     from pyvhost.control import request
+    from pyvhost.stats import stats_path
+
+    if bool(args.socket) == bool(args.control):
+        raise OptionError("give --socket (a pyvhost net) or --control (a control socket)")
 
     command: dict = {"cmd": "hook", "port": args.port}
     if args.action == "set":
@@ -477,10 +477,11 @@ def cmd_hook(args: argparse.Namespace) -> int:
         if len(args.specs) != 1:
             raise OptionError(f"hook {args.action} takes one module:function")
         command[args.action] = args.specs[0]
-    reply = request(args.control, command)
+    reply = request(args.control or stats_path(args.socket), command)
     if not reply.get("ok"):
         raise PyvhostError(reply.get("error", "refused"))
-    print(f"{reply['port']}: {', '.join(reply['hooks']) or 'no hooks'}")
+    where = f" (datapath: {reply['datapath']})" if "datapath" in reply else ""
+    print(f"{reply['port']}: {', '.join(reply['hooks']) or 'no hooks'}{where}")
     return 0
 
 

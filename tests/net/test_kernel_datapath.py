@@ -285,3 +285,49 @@ def test_the_memory_slot_limit_is_the_kernels(net_daemon):
     d = net_daemon("tap,ifname=IFNAME,vhost=on")
     with NetFrontend.connect(d.sock) as fe:
         assert fe.client.get_max_mem_slots() == max_mem_regions()  # 64 unless tuned
+
+
+def test_a_hook_or_a_capture_moves_a_kernel_pair_to_python_and_back(net_daemon, netns, tmp_path):
+    import subprocess
+    import sys
+
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    host = big_socket(netns, d.ifname)
+    stats = d.sock + ".stats"
+
+    def pyvhost(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pyvhost", *args], capture_output=True,
+                              text=True)  # fmt: skip
+
+    def datapaths() -> list[str]:
+        return fetch(stats)["datapaths"]
+
+    with NetFrontend.connect(d.sock) as fe:
+        assert datapaths() == ["kernel"]
+        r = pyvhost("hook", "--socket", d.sock, "pair0", "add",
+                    "tests.switch.sample_hooks:drop_marked")  # fmt: skip
+        assert r.returncode == 0 and "datapath: python" in r.stdout, r.stderr
+        fe.send(frame(HOST_MAC, GUEST_MAC, b"DROP"))
+        fe.send(frame(HOST_MAC, GUEST_MAC, b"kept"))
+        assert recv_ours(host, 1) == [frame(HOST_MAC, GUEST_MAC, b"kept")]  # the hook ran
+        r = pyvhost("datapath", "--socket", d.sock, "kernel")
+        assert r.returncode == 2 and "hooks or a capture attached" in r.stderr
+        r = pyvhost("hook", "--socket", d.sock, "pair0", "remove",
+                    "tests.switch.sample_hooks:drop_marked")  # fmt: skip
+        assert r.returncode == 0 and "datapath: kernel" in r.stdout, r.stderr
+        fe.send(frame(HOST_MAC, GUEST_MAC, b"DROP"))
+        assert recv_ours(host, 1) == [frame(HOST_MAC, GUEST_MAC, b"DROP")]  # no hook now
+        pcap = tmp_path / "k.pcapng"
+        cap = subprocess.Popen([sys.executable, "-m", "pyvhost", "capture", "--socket", d.sock,
+                                "-w", str(pcap), "-c", "3"])  # fmt: skip
+        wait_for(lambda: datapaths() == ["python"], 20, "the capture to move the pair")
+        sent = numbered(3)
+        for f in sent:
+            fe.send(f)
+        assert recv_ours(host, 3) == sent
+        assert cap.wait(20) == 0
+        wait_for(lambda: datapaths() == ["kernel"], 20, "the pair to go back to the kernel")
+    from pyvhost.capture import read_pcapng
+
+    assert [f for _, _, f in read_pcapng(pcap.read_bytes())] == sent
+    host.close()

@@ -1,6 +1,6 @@
 """Hooks the switch tests load by name (module:function), as users load theirs."""
 
-from pyvhost.switch.hooks import DROP, Redirect
+from pyvhost.hooks import DROP, Redirect
 
 seen = []
 

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from pyvhost.devices.net import spec
+from pyvhost.hooks import DROP, LoadedHook, Redirect
 from pyvhost.switch.fabric import Port, PortConfig, Switch
 from pyvhost.switch.frame import (
     ALL_OFFLOADS,
@@ -15,7 +16,6 @@ from pyvhost.switch.frame import (
     VnetHeader,
     ones_complement_sum,
 )
-from pyvhost.switch.hooks import DROP, LoadedHook, Redirect
 from pyvhost.testing.frames import tcp4_frame
 
 A, B, C = (bytes.fromhex(f"5254000000{i:02x}") for i in (1, 2, 3))

@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pyvhost import hooks
+from pyvhost.hooks import DROP, IN, OUT, HookContext, LoadedHook, Redirect
 from pyvhost.switch.frame import (
     ALL_OFFLOADS,
     ETH_HLEN,
@@ -31,7 +33,6 @@ from pyvhost.switch.frame import (
     add_tag,
     strip_tag,
 )
-from pyvhost.switch.hooks import DROP, IN, OUT, PASS, HookContext, LoadedHook, Redirect
 
 log = logging.getLogger(__name__)
 
@@ -256,28 +257,15 @@ class Switch:
     def _run_hooks(self, port: Port, direction: str, frame: Frame):
         """Run the port's hooks: False (dropped), a Redirect, or None (go on)."""
         ctx = HookContext(port.name, direction, frame.vlan, frame.header)
-        for hook in port.hooks:
-            view = frame.views[0] if len(frame.views) == 1 else memoryview(frame.tobytes())
-            try:
-                verdict = hook(memoryview(view), ctx)
-            except Exception as e:
-                hook.failed(e)
-                port.counters.drops["hook-error"] += 1
-                return False
-            if verdict is None or verdict == PASS:
-                continue
-            if verdict == DROP:
-                port.counters.drops["hook"] += 1
-                return False
-            if isinstance(verdict, Redirect):
-                return verdict
-            if isinstance(verdict, bytes | bytearray | memoryview):
-                frame.views = [bytes(verdict)]
-                continue
-            hook.failed(TypeError(f"hook {hook.spec} returned {type(verdict).__name__}"))
-            port.counters.drops["hook-error"] += 1
+        view = frame.views[0] if len(frame.views) == 1 else frame.tobytes()
+        verdict, result = hooks.run(port.hooks, view, ctx)
+        if verdict == DROP:
+            port.counters.drops[result] += 1
             return False
-        return None
+        port_name, data = result if verdict is Redirect else (None, result)
+        if data is not view:
+            frame.views = [data]
+        return Redirect(port_name) if verdict is Redirect else None
 
 
 def _capture(port: Port, direction: str, views: list) -> None:

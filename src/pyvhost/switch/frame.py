@@ -14,10 +14,8 @@ import struct
 from dataclasses import dataclass, field
 
 from pyvhost.devices.net import spec
+from pyvhost.devices.net.spec import VnetHeader
 
-# The first 10 bytes of every virtio-net header: num_buffers (when there is
-# one) is the receiving ring's business.
-HDR10 = struct.Struct("<BBHHHH")
 ETH_HLEN = 14
 VLAN_HLEN = 4
 TPID_8021Q = b"\x81\x00"
@@ -34,56 +32,6 @@ ALL_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 
 class FrameError(ValueError):
     """A frame the switch cannot make sense of (a header that lies)."""
-
-
-@dataclass(frozen=True)
-class VnetHeader:
-    """The fields of a virtio-net header a frame carries through the switch."""
-
-    flags: int = 0
-    gso_type: int = spec.GSO_NONE
-    hdr_len: int = 0
-    gso_size: int = 0
-    csum_start: int = 0
-    csum_offset: int = 0
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> VnetHeader:
-        return cls(*HDR10.unpack_from(data))
-
-    def pack(self, size: int) -> bytes:
-        """The header as a ring of header size `size` (10 or 12) takes it."""
-        return HDR10.pack(
-            self.flags,
-            self.gso_type,
-            self.hdr_len,
-            self.gso_size,
-            self.csum_start,
-            self.csum_offset,
-        ).ljust(size, b"\0")
-
-    @property
-    def gso(self) -> int:
-        return self.gso_type & ~spec.GSO_ECN
-
-    @property
-    def needs_csum(self) -> bool:
-        return bool(self.flags & spec.HDR_F_NEEDS_CSUM)
-
-    def shifted(self, delta: int) -> VnetHeader:
-        """The same header for the frame with `delta` bytes inserted after the MACs."""
-        if self.needs_csum:
-            return VnetHeader(
-                self.flags,
-                self.gso_type,
-                self.hdr_len + delta if self.hdr_len else 0,
-                self.gso_size,
-                self.csum_start + delta,
-                self.csum_offset,
-            )
-        if self.hdr_len:
-            return VnetHeader(self.flags, self.gso_type, self.hdr_len + delta, self.gso_size, 0, 0)
-        return self
 
 
 PLAIN = VnetHeader()

@@ -9,15 +9,13 @@ captures.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 
+from pyvhost import hooks as hook_mod
 from pyvhost.capture import Capture
 from pyvhost.control import ControlServer, Stream, streaming
 from pyvhost.errors import OptionError
 from pyvhost.eventloop import EventLoop
-from pyvhost.switch import hooks as hook_mod
 from pyvhost.switch.config import SwitchConfig
 from pyvhost.switch.fabric import Port, Switch
 from pyvhost.switch.ports import UplinkPort, VmPort
@@ -86,7 +84,7 @@ class SwitchServer:
         """{"port": P, "add": SPEC} | {"remove": SPEC} | {"set": [SPEC, ...]} | (list)."""
         port = self._port(req)
         if "add" in req:
-            port.hooks = [*port.hooks, _reload(req["add"])]
+            port.hooks = [*port.hooks, hook_mod.load(req["add"], reload=True)]
         elif "remove" in req:
             left = [h for h in port.hooks if h.spec != req["remove"]]
             if len(left) == len(port.hooks):
@@ -96,7 +94,9 @@ class SwitchServer:
             specs = req["set"]
             if not isinstance(specs, list):
                 raise OptionError('"set" takes a list of module:function')
-            port.hooks = [_reload(s) for s in specs]  # all loaded before any is swapped in
+            port.hooks = [
+                hook_mod.load(s, reload=True) for s in specs
+            ]  # all loaded before any is swapped in
         log.info("port %s hooks: %s", port.name, [h.spec for h in port.hooks] or "none")
         return {"port": port.name, "hooks": [h.spec for h in port.hooks]}
 
@@ -141,17 +141,6 @@ class SwitchServer:
             except Exception:  # one port's trouble must not keep another's socket or TAP
                 log.exception("closing port %s", port.name)
         self.vm_ports, self.uplinks = [], []
-
-
-def _reload(spec: str) -> hook_mod.LoadedHook:
-    """A hook named at run time: its module re-read, so an edited hook takes effect."""
-    module = spec.partition(":")[0]
-    if module in sys.modules:
-        try:
-            importlib.reload(sys.modules[module])
-        except Exception as e:
-            raise OptionError(f"hook {spec!r}: reloading {module} failed: {e}") from e
-    return hook_mod.load(spec)
 
 
 def format_switch(snapshot: dict) -> str:

@@ -26,10 +26,12 @@ import logging
 import time
 from typing import Protocol
 
+from pyvhost import hooks
 from pyvhost.device import RingConfig, ServedRing
 from pyvhost.devices.net import spec
 from pyvhost.devices.net.metrics import QueueCounters, count_signal
 from pyvhost.eventloop import EventLoop
+from pyvhost.hooks import IN, OUT, PASS, HookContext, LoadedHook, Redirect
 from pyvhost.moderation import ModeratedNotifier
 from pyvhost.virtq import SplitQueue
 from pyvhost.virtq.iov import scatter, skip, write_at
@@ -50,6 +52,10 @@ TX_BUDGET = 256
 # mostly its ACKs, and taking them in batches is cheaper for the guest; a
 # guest doing request/response is never kept waiting for its answer.
 STREAMING_BYTES = 32 * 1024
+
+
+class _Dropped(Exception):
+    """A hook dropped the frame being sent."""
 
 
 class HostQueue(Protocol):
@@ -111,6 +117,13 @@ class QueuePair:
         self._bounce_view = memoryview(self._bounce)
         self._pending: bytes | None = None  # a frame read but not yet placed (MRG only)
         self._zero_hdr = bytes(spec.HDR_SIZE)
+        # Observers: hooks and captures (the device switches the pair to this
+        # engine while any is attached). `observed` is the one test the
+        # datapath makes when there are none.
+        self.port_name = f"pair{pair}"
+        self.hooks: list[LoadedHook] = []
+        self.captures: list = []
+        self.observed = False
 
     # --- configuration, from the device ---------------------------------------------
 
@@ -168,6 +181,63 @@ class QueuePair:
         for rx in (True, False):
             if (self._rx_ring if rx else self._tx_ring) is not None:
                 self.stop_ring(rx)
+
+    def set_observers(self, hooks: list[LoadedHook] | None = None, captures=None) -> None:
+        if hooks is not None:
+            self.hooks = hooks
+        if captures is not None:
+            self.captures = captures
+        self.observed = bool(self.hooks or self.captures)
+
+    def _capture(self, direction: str, views: list, skip_bytes: int) -> None:
+        data = skip(views, skip_bytes) if skip_bytes else views
+        for cap in list(self.captures):
+            cap.record(self.port_name, direction, data)
+
+    def _observe_tx(self, readable: list, hdr: int, strip: int) -> list | None:
+        """Hooks on a frame from the guest: the buffers to write, or None to drop."""
+        if not self.hooks:
+            return readable if not strip else skip(readable, strip)
+        data = b"".join(bytes(v) for v in readable)
+        header = spec.VnetHeader.unpack(data)
+        ctx = HookContext(self.port_name, IN, 0, header)
+        verdict, result = hooks.run(self.hooks, memoryview(data)[hdr:], ctx)
+        if verdict is not PASS:
+            if verdict is Redirect:
+                log.warning("%s: a hook redirected a frame; pyvhost net has no other port",
+                            self.port_name)  # fmt: skip
+            return None
+        return [result] if strip else [data[:hdr], result]
+
+    def _observe_rx(self, q: SplitQueue, chain, total: int, room: int, done) -> bool | None:
+        """Hooks and captures on a frame read for the guest. None: deliver it as
+        read; True: handled (dropped, or its replacement placed); False: stop
+        (the replacement waits for buffers)."""
+        hdr = self.hdr_size
+        data = b"".join(bytes(v) for v in chain.writable)[: min(total, room)]
+        if total > room:
+            data += bytes(self._bounce_view[: total - room])
+        frame = memoryview(data)[hdr:]
+        if self.hooks:
+            ctx = HookContext(self.port_name, OUT, 0, spec.VnetHeader.unpack(data))
+            verdict, result = hooks.run(self.hooks, frame, ctx)
+            if verdict is not PASS:
+                q.unpop()  # the chain is used for the next frame
+                self.rx_counters.drops += 1
+                return True
+            if result is not frame:  # replaced: placed like a frame kept for later
+                if not self.mrg_rxbuf and hdr + len(result) > room:
+                    q.unpop()  # without merged buffers it cannot span chains
+                    self.rx_counters.drops += 1
+                    return True
+                if self.captures:
+                    self._capture(OUT, [result], 0)
+                self._pending = data[:hdr] + bytes(result)
+                q.unpop()
+                return self._place_pending(q, done)
+        if self.captures:
+            self._capture(OUT, [frame], 0)
+        return None
 
     def _on_rx_kick(self) -> None:
         self.rx_counters.kicks += 1
@@ -309,10 +379,18 @@ class QueuePair:
                 c.errors += 1  # no frame behind the header
             else:
                 bufs = chain.readable if not strip else skip(chain.readable, strip)
+                if self.observed:  # hooks or a capture: off, this costs one test
+                    bufs = self._observe_tx(chain.readable, hdr, strip)
                 try:
+                    if bufs is None:
+                        raise _Dropped
                     write(bufs)
                     c.packets += 1
                     c.bytes += chain.readable_len - hdr
+                    if self.captures:
+                        self._capture(IN, bufs, 0 if strip else hdr)
+                except _Dropped:
+                    c.drops += 1  # a hook said so
                 except BlockingIOError:
                     # The TAP's send buffer is full: keep the chain, wait for room.
                     q.unpop()
@@ -391,6 +469,12 @@ class QueuePair:
             total = n if vnet else n + hdr
             if not vnet:
                 write_at(chain.writable, 0, self._zero_hdr)
+            if self.observed:
+                outcome = self._observe_rx(q, chain, total, room, done)
+                if outcome is not None:  # dropped, or replaced and placed (or pending)
+                    if outcome:
+                        continue
+                    break
             if total <= room:
                 if self.mrg_rxbuf:
                     write_at(chain.writable, 10, b"\x01\x00")  # num_buffers = 1

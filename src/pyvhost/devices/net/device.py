@@ -142,6 +142,7 @@ class VirtioNet(VirtioDevice):
         ]
         # The engine serving each pair now (engine.py): Python or the kernel.
         self.engines: list[PairEngine] = []
+        self._moved_for_observers: set[int] = set()  # to go back to the kernel
         self._data_rings: dict[int, RingConfig] = {}  # started RX/TX rings, by index
         self._enabled: set[int] = set()  # ... and which of them are enabled
         self._ctrl_ring: ServedRing | None = None
@@ -397,6 +398,41 @@ class VirtioNet(VirtioDevice):
         """Which datapath serves each pair now."""
         return [e.kind for e in self.engines]
 
+    # --- observers: hooks and captures, which only the Python datapath runs -----------
+
+    def set_hooks(self, pair: int, hooks: list) -> None:
+        self._observe(pair, lambda p: p.set_observers(hooks=hooks))
+
+    def add_capture(self, capture, pair: int) -> None:
+        self._observe(pair, lambda p: p.set_observers(captures=[*p.captures, capture]))
+
+    def remove_capture(self, capture, pair: int) -> None:
+        self._observe(
+            pair, lambda p: p.set_observers(captures=[c for c in p.captures if c is not capture])
+        )
+
+    def _observe(self, pair: int, change: Callable[[QueuePair], None]) -> None:
+        """Change a pair's observers. A pair on the kernel datapath moves to Python
+        for its first observer (refused, with the reason, if it cannot move now)
+        and back to the kernel when its last one goes."""
+        p = self.pairs[pair]
+        before = (list(p.hooks), list(p.captures))
+        change(p)
+        if p.observed and self.engines[pair].kind == "kernel":
+            try:
+                self._switch(pair, "python")
+            except DatapathError:
+                p.set_observers(*before)
+                raise
+            self._moved_for_observers.add(pair)
+            log.info("pair %d: on the Python datapath while hooks or a capture run", pair)
+        elif not p.observed and pair in self._moved_for_observers:
+            self._moved_for_observers.discard(pair)
+            try:
+                self._switch(pair, "kernel")
+            except DatapathError as e:
+                log.warning("pair %d stays on the Python datapath: %s", pair, e)
+
     def switch_datapath(self, pair: int, kind: str) -> None:
         """Move pair `pair` to the "kernel" or the "python" datapath while it runs.
 
@@ -405,6 +441,15 @@ class VirtioNet(VirtioDevice):
         index with the same eventfds. No frame is lost, doubled or reordered,
         and the driver sees nothing.
         """
+        if 0 <= pair < self.queue_pairs and kind == "kernel" and self.pairs[pair].observed:
+            raise DatapathError(
+                f"pair {pair} has hooks or a capture attached, which run in Python; "
+                "remove them and it goes back to the kernel by itself"
+            )
+        self._switch(pair, kind)
+        self._moved_for_observers.discard(pair)
+
+    def _switch(self, pair: int, kind: str) -> None:
         if not 0 <= pair < self.queue_pairs:
             raise DatapathError(f"pair {pair}: the device has pairs 0 to {self.queue_pairs - 1}")
         if kind == "kernel":

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyvhost.devices.net.spec import VnetHeader
 from pyvhost.errors import OptionError
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class HookContext:
     port: str
     direction: str  # IN or OUT
     vlan: int  # 0: untagged on an access port's VLAN-less switch
-    header: object  # switch.frame.VnetHeader
+    header: VnetHeader
 
 
 Hook = Callable[[memoryview, HookContext], object]
@@ -81,17 +83,50 @@ class LoadedHook:
             )
 
 
-def load(spec: str) -> LoadedHook:
+def load(spec: str, reload: bool = False) -> LoadedHook:
     """`module:function` (the module importable from sys.path or the working
-    directory), checked now: a typo is an error before any frame flows."""
+    directory), checked now: a typo is an error before any frame flows. With
+    `reload`, a module already imported is read again (a hook edited and
+    replaced at run time takes effect)."""
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
         raise OptionError(f"hook {spec!r}: expected module:function, e.g. examples.acl:hook")
     try:
-        module = importlib.import_module(module_name)
+        if reload and module_name in sys.modules:
+            module = importlib.reload(sys.modules[module_name])
+        else:
+            module = importlib.import_module(module_name)
     except Exception as e:
         raise OptionError(f"hook {spec!r}: cannot import {module_name}: {e}") from e
     function = getattr(module, name, None)
     if not callable(function):
         raise OptionError(f"hook {spec!r}: {module_name} has no function {name}")
     return LoadedHook(spec, function)
+
+
+def run(hooks: list[LoadedHook], data: bytes | memoryview, ctx: HookContext):
+    """Run hooks in order on one frame. Returns the verdict:
+
+    (PASS, data)          go on, with `data` (the frame, or what replaced it)
+    (DROP, "hook")        a hook dropped it
+    (DROP, "hook-error")  a hook raised, or returned something that is no verdict
+    (Redirect, port)      a hook sent it elsewhere (with the frame as it stands)
+    """
+    for hook in hooks:
+        try:
+            verdict = hook(memoryview(data), ctx)
+        except Exception as e:
+            hook.failed(e)
+            return DROP, "hook-error"
+        if verdict is None or verdict == PASS:
+            continue
+        if verdict == DROP:
+            return DROP, "hook"
+        if isinstance(verdict, Redirect):
+            return Redirect, (verdict.port, data)
+        if isinstance(verdict, bytes | bytearray | memoryview):
+            data = bytes(verdict)
+            continue
+        hook.failed(TypeError(f"hook {hook.spec} returned {type(verdict).__name__}"))
+        return DROP, "hook-error"
+    return PASS, data
