@@ -11,8 +11,8 @@ apt_install "${GUEST_PACKAGES[@]}" dpdk dpdk-dev  # dpdk-testpmd is in dpdk-dev
 python_env '.[test]'
 
 echo "==> ruff"
-.venv/bin/ruff check src tests bench
-.venv/bin/ruff format --check src tests bench
+.venv/bin/ruff check src tests bench examples
+.venv/bin/ruff format --check src tests bench examples
 
 echo "==> pytest"
 exec $SUDO .venv/bin/python -m pytest "$@"

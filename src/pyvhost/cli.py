@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seconds", type=int, default=5, help="iperf3 duration each way")
     demo.add_argument("--queues", type=int, default=1, help="queue pairs")
+    demo.add_argument(
+        "--vms", type=int, default=1, help="N guests on one pyvhost switch (default 1: pyvhost net)"
+    )
     demo.add_argument("-v", "--verbose", action="count", default=0)
 
     qa = sub.add_parser("qemu-args", help="print QEMU's arguments for a NIC on pyvhost")
@@ -513,7 +516,11 @@ def cmd_datapath(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyvhost.demo import run
 
-    return run(accel=args.accel, msix=args.msix, seconds=args.seconds, queues=args.queues)
+    if not 1 <= args.vms <= 8:
+        raise OptionError(f"--vms {args.vms}: from 1 to 8")
+    return run(
+        accel=args.accel, msix=args.msix, seconds=args.seconds, queues=args.queues, vms=args.vms
+    )
 
 
 def cmd_qemu_args(args: argparse.Namespace) -> int:

@@ -57,8 +57,12 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run(accel: str = "tcg", msix: bool | None = None, seconds: int = 5, queues: int = 1) -> int:
+def run(
+    accel: str = "tcg", msix: bool | None = None, seconds: int = 5, queues: int = 1, vms: int = 1
+) -> int:
     check_prerequisites()
+    if vms > 1:
+        return run_switch(vms, msix, seconds)
     progress = Progress(6)
     lab = None
     # Ctrl-C or a SIGTERM, whatever the caller's signal dispositions: clean up, then stop.
@@ -107,3 +111,60 @@ def run(accel: str = "tcg", msix: bool | None = None, seconds: int = 5, queues: 
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
     return 0 if loss < 100 else 1
+
+
+def run_switch(vms: int, msix: bool | None, seconds: int) -> int:
+    """`pyvhost demo --vms N`: N guests on one pyvhost switch, and the host behind
+    its uplink TAP."""
+    import json
+
+    from pyvhost.guest.switch_lab import SwitchLab, guest_ip
+
+    progress = Progress(5)
+    lab = None
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        progress.next("guest image (kernel + initramfs from Debian's packages, cached)")
+        image = ensure_image(progress)
+        progress.next(f"pyvhost switch: {vms} VM ports and an uplink TAP to 10.0.2.1")
+        lab = SwitchLab(vms, image=image, msix=msix, progress=progress).start()
+        lab.host_iperf_server()
+        progress.next(f"booting {vms} guests in QEMU (tcg), one after the other")
+        guests = lab.boot_all()
+        progress.next("ping between guests and to the host")
+        pings = []
+        for i in range(vms):
+            target = guest_ip((i + 1) % vms)
+            _, out = guests[i].run(f"ping -c 5 -i 0.2 -W 2 {target}", timeout=60, check=False)
+            pings.append((f"vm{i} -> vm{(i + 1) % vms}", parse_ping(out)))
+        _, out = guests[0].run(f"ping -c 5 -i 0.2 -W 2 {HOST_IP}", timeout=60, check=False)
+        pings.append(("vm0 -> host", parse_ping(out)))
+        progress.next(f"iperf3 vm0 -> vm1 and vm0 -> host ({seconds} s each)")
+        lab.iperf_server(1)
+        rates = []
+        for name, ip in (("vm0 -> vm1", guest_ip(1)), ("vm0 -> host", HOST_IP)):
+            _, out = guests[0].run(f"iperf3 -c {ip} -t {seconds} -J", timeout=seconds + 60)
+            result = json.loads(out[out.index("{") :])
+            rates.append((name, result["end"]["sum_received"]["bits_per_second"] / 1e9))
+        ports = lab.stats()["ports"]
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        try:
+            if lab is not None:
+                lab.close()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    drops = sum(sum(p["drops"].values()) for p in ports.values())
+    rows = [(f"ping {name}", f"{loss} % loss, {rtt:.2f} ms" if rtt else f"{loss} % loss")
+            for name, (loss, rtt) in pings]  # fmt: skip
+    rows += [(f"iperf3 {name}", f"{rate:.2f} Gbit/s") for name, rate in rates]
+    rows.append(("switch drops", str(drops)))
+    width = max(len(k) for k, _ in rows)
+    print()
+    print(f"pyvhost demo: {vms} Linux guests on pyvhost switch, the host behind its uplink")
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+    return 0 if all(loss < 100 for _, (loss, _) in pings) else 1

@@ -33,6 +33,24 @@ def test_the_demo_prints_its_table_and_leaves_nothing(guest_image):
     assert namespaces() == before_ns and "pv" not in taps()
 
 
+def test_the_two_vm_demo_shows_guests_talking_through_the_switch(guest_image):
+    before_ns = namespaces()
+    r = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "demo", "--vms", "2", "--seconds", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    for row in (
+        "ping vm0 -> vm1     0 % loss",
+        "ping vm1 -> vm0     0 % loss",
+        "ping vm0 -> host    0 % loss",
+        "iperf3 vm0 -> vm1",
+        "switch drops        0",
+    ):
+        assert row in r.stdout, r.stdout  # fmt: skip
+    assert namespaces() == before_ns and "pv" not in taps()
+
+
 def test_an_interrupted_demo_cleans_up(guest_image):
     before_ns = namespaces()
     proc = subprocess.Popen(

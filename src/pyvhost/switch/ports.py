@@ -53,6 +53,9 @@ class SwitchSide:
     def fileno(self) -> None:
         return None  # frames are pushed (deliver), not polled
 
+    def has_frames(self) -> bool:
+        return self._current is not None or bool(self.backlog)
+
     def set_vnet_hdr_size(self, size: int) -> None:
         self.hdr_size = size
 
@@ -102,7 +105,12 @@ class SwitchSide:
             return False
         if not self.backlog:
             self._current = frame
-            pair.process_tap_rx_event()
+            try:
+                pair.process_tap_rx_event()
+            except Exception as e:  # this VM's trouble, not the sender's
+                self._current = None
+                self.port.daemon.loop_error(e)
+                return False
             if self._current is None:
                 return True  # taken straight from the sender's memory
             self._current = None
@@ -110,6 +118,7 @@ class SwitchSide:
             return False
         # The sender's buffers go back to it after this call: keep a copy.
         self.backlog.append(Frame(frame.header, [frame.tobytes()], frame.vlan))
+        pair._wake()  # read when the loop comes round, if the guest has buffers
         return True
 
     def drop_backlog(self) -> None:

@@ -38,7 +38,9 @@ class PyvhostProcess:
         socket_path: str | None = None,
         wait: bool = True,
         pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
     ):
+        """`env`: variables added to this process's environment for the child."""
         self.args = args
         self.socket_path = socket_path
         self.proc = subprocess.Popen(
@@ -47,6 +49,7 @@ class PyvhostProcess:
             stderr=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
+            env={**os.environ, **env} if env else None,
             start_new_session=True,  # a Ctrl-C meant for the caller is the caller's to handle
         )
         if wait and socket_path is not None:

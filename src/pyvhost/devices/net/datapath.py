@@ -71,6 +71,10 @@ class HostQueue(Protocol):
 
     def fileno(self) -> int | None: ...
 
+    def has_frames(self) -> bool:
+        """Only asked of a host side without an fd: do frames wait to be read?"""
+        ...
+
     def read_iovec(self, buffers: list) -> int: ...
 
     def write_iovec(self, buffers: list) -> int: ...
@@ -105,6 +109,9 @@ class QueuePair:
         self.tx_notifier: ModeratedNotifier | None = None
         self._tx_polling = False
         self._tx_resume_pending = False  # a budget-limited drain is to continue
+        self._push = host.fileno() is None  # the host side pushes frames (a switch port)
+        self._wake_pending = False
+        self._rx_owner: object = None  # the session serving the RX ring
         self._tx_bytes_since_rx_signal = 0
         self._tx_idle_since = 0  # busy polling: when the ring was last found empty
         self.rx_enabled = False
@@ -257,6 +264,7 @@ class QueuePair:
             self._tx_bytes_since_rx_signal = 0
 
         self._rx_ring = ring
+        self._rx_owner = self.loop.owner
         self.rxq = ring.queue
         self.rx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
@@ -297,7 +305,8 @@ class QueuePair:
     def _update_reading(self) -> None:
         fd = self.host.fileno()
         if fd is None:
-            return  # a host side that pushes frames (a switch port): nothing to poll
+            self._wake()  # a host side that pushes frames (a switch port): nothing to poll
+            return
         if self.rxq is not None and self.rx_enabled and not self.rx_starved:
             self.loop.add_reader(fd, self.process_tap_rx_event)
         else:
@@ -502,6 +511,8 @@ class QueuePair:
                 self._starve(q)
                 break
         self._flush_rx(q, done)
+        if self._push:
+            self._wake()  # frames may still wait (the budget ran out)
 
     def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
         """Copy `overflow` into further chains; on success queue all completions."""
@@ -547,9 +558,31 @@ class QueuePair:
     def _starve(self, q: SplitQueue) -> None:
         """No RX buffers: ask for a kick, and stop reading the TAP until it comes."""
         if q.enable_notification():
-            return  # buffers arrived meanwhile: the level-triggered TAP fd brings us back
+            # Buffers arrived meanwhile: the level-triggered TAP fd brings us back
+            # (a host side that pushes frames is woken as if it were one).
+            if self._push:
+                self._wake()
+            return
         self.rx_starved = True
         self._update_reading()
+
+    def _wake(self) -> None:
+        """A pushing host side with frames waiting: read them at the loop's next
+        turn, as a readable fd would, for the ring's own session."""
+        if (
+            not self._wake_pending
+            and self.rxq is not None
+            and self.rx_enabled
+            and not self.rx_starved
+            and self.host.has_frames()
+        ):
+            self._wake_pending = True
+            with self.loop.owned_by(self._rx_owner):
+                self.loop.call_soon(self._woken)
+
+    def _woken(self) -> None:
+        self._wake_pending = False
+        self.process_tap_rx_event()
 
     def _flush_rx(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
         if done:
