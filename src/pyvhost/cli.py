@@ -92,9 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats-socket", metavar="PATH", help="where counters are served (default: SOCKET.stats)"
     )
 
-    st = sub.add_parser("stats", help="print a running pyvhost's per-queue counters")
-    st.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket")
-    st.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
+    st = sub.add_parser(
+        "stats", help="print a running pyvhost net's or switch's counters (per queue, per port)"
+    )
+    st.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket")
+    st.add_argument(
+        "--stats-socket",
+        "--control",
+        metavar="PATH",
+        help="or its control socket (a switch's --control)",
+    )
     st.add_argument("--json", action="store_true", help="print JSON")
 
     sw = sub.add_parser(
@@ -433,6 +440,8 @@ def cmd_net(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from pyvhost.stats import fetch, format_table, stats_path
 
+    if not args.socket and not args.stats_socket:
+        raise OptionError("give --socket (a pyvhost net's) or --control (a control socket)")
     snap = fetch(args.stats_socket or stats_path(args.socket))
     if args.json:
         print(json.dumps(snap, indent=1))

@@ -182,19 +182,20 @@ class Switch:
                     return
                 self._egress(target, frame, port)
                 return
-        src = frame.src
+        macs = frame.head(12)
+        dst, src = macs[:6], macs[6:]
         cfg = port.config
         if cfg.mac_policy == "lock" and src != cfg.mac:
             c.drops["spoofed"] += 1
             return
+        now = self.clock()
         if not src[0] & 1:  # learn unicast sources only
-            self._macs[(vlan, src)] = (port, self.clock())
-        dst = frame.dst
+            self._macs[(vlan, src)] = (port, now)
         if not dst[0] & 1:
             entry = self._macs.get((vlan, dst))
             if entry is not None:
                 target, seen = entry
-                if self.clock() - seen < self.ageing_s:
+                if now - seen < self.ageing_s:
                     if target is not port:
                         self._egress(target, frame, port)
                     return
@@ -264,7 +265,7 @@ class Switch:
             return False
         port_name, data = result if verdict is Redirect else (None, result)
         if data is not view:
-            frame.views = [data]
+            frame.set_views([data])
         return Redirect(port_name) if verdict is Redirect else None
 
 

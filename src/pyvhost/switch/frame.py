@@ -11,7 +11,6 @@ that does not.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from pyvhost.devices.net import spec
 from pyvhost.devices.net.spec import VnetHeader
@@ -37,17 +36,20 @@ class FrameError(ValueError):
 PLAIN = VnetHeader()
 
 
-@dataclass
 class Frame:
     """An untagged Ethernet frame as views, its header, and its VLAN (0: none)."""
 
-    header: VnetHeader
-    views: list = field(default_factory=list)  # memoryviews (or bytes), in order
-    vlan: int = 0
+    __slots__ = ("header", "views", "vlan", "length")
 
-    @property
-    def length(self) -> int:
-        return sum(len(v) for v in self.views)
+    def __init__(self, header: VnetHeader, views: list, vlan: int = 0) -> None:
+        self.header = header
+        self.views = views  # memoryviews (or bytes), in order
+        self.vlan = vlan
+        self.length = sum(len(v) for v in views) if len(views) != 1 else len(views[0])
+
+    def set_views(self, views: list) -> None:
+        self.views = views
+        self.length = sum(len(v) for v in views)
 
     def head(self, n: int) -> bytes:
         """The first n bytes (what classification reads: MACs, ethertype)."""
@@ -77,7 +79,7 @@ def strip_tag(frame: Frame) -> tuple[int, int] | None:
     if len(head) < ETH_HLEN + VLAN_HLEN or head[12:14] != TPID_8021Q:
         return None
     tci = int.from_bytes(head[14:16], "big")
-    frame.views = _splice(frame.views, 12, VLAN_HLEN, b"")
+    frame.set_views(_splice(frame.views, 12, VLAN_HLEN, b""))
     if frame.header is not PLAIN:
         frame.header = frame.header.shifted(-VLAN_HLEN)
     return tci & 0x0FFF, tci >> 13

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Feature bits.
 F_CSUM = 0
@@ -127,9 +127,11 @@ def tx_queue(pair: int) -> int:
 HDR10 = struct.Struct("<BBHHHH")
 
 
-@dataclass(frozen=True)
-class VnetHeader:
-    """The fields of a virtio-net header a frame carries through the switch."""
+class VnetHeader(NamedTuple):
+    """The fields of a virtio-net header a frame carries through the switch.
+
+    A tuple, not a dataclass: one is made per frame, and a NamedTuple is five
+    times cheaper to make than a frozen dataclass."""
 
     flags: int = 0
     gso_type: int = GSO_NONE
@@ -140,7 +142,7 @@ class VnetHeader:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> VnetHeader:
-        return cls(*HDR10.unpack_from(data))
+        return cls._make(HDR10.unpack_from(data))
 
     def pack(self, size: int) -> bytes:
         """The header as a ring of header size `size` (10 or 12) takes it."""
