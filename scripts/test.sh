@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-apt_install "${GUEST_PACKAGES[@]}" dpdk dpdk-dev  # dpdk-testpmd is in dpdk-dev
+apt_install "${GUEST_PACKAGES[@]}" dpdk dpdk-dev tcpdump  # dpdk-testpmd is in dpdk-dev; tcpdump reads captures
 python_env '.[test]'
 
 echo "==> ruff"

@@ -68,6 +68,7 @@ PROPERTY_SETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("properties", list(PROPERTY_SETS))
 def test_the_guest_works_with_device_properties_users_set(lab, properties):
     off, size = PROPERTY_SETS[properties]

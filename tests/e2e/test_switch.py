@@ -49,6 +49,7 @@ def switch_lab(guest_image, tmp_path):
         lab.close()
 
 
+@pytest.mark.slow
 def test_three_guests_reach_each_other_and_the_host_and_one_restarts_alone(switch_lab):
     lab = switch_lab(3)
     a, b, c = lab.boot_all()
