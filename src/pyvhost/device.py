@@ -155,6 +155,10 @@ class VirtioDevice:
 
     name = "virtio"
 
+    # Set by the transport: call it when the device's link goes down or up, so
+    # the driver hears of it (a config change message, or the transport's own way).
+    on_link_change: Callable[[bool], None] | None = None
+
     def attach(self, loop: EventLoop) -> None:
         """Called once, before any ring starts: register host-side fds here."""
         self.loop = loop

@@ -138,3 +138,27 @@ def test_qemu_killed_leaves_pyvhost_listening_with_nothing_leaked(lab):
     wait_for(lambda: lab.pyvhost.fds() == fds_before, 10, "the session's fds to be closed")
     # Listening again: a new QEMU is served.
     assert loss(ping(lab.boot())[1]) == 0
+
+
+def test_the_guest_sees_the_tap_link_go_down_and_come_back(lab):
+    """QEMU refuses config change messages for a vhost-user NIC, so pyvhost shows
+    a down link by leaving (QEMU sets the link down while its back-end is away)
+    and comes back when the TAP is up."""
+    lab = lab()
+    guest = lab.boot()
+    carrier = "cat /sys/class/net/eth0/carrier"
+    assert guest.run(carrier)[1].strip() == "1"
+    lab.netns.ip("link", "set", "dev", lab.ifname, "down")
+    deadline = time.monotonic() + 15
+    while guest.run(carrier, check=False)[1].strip().splitlines()[-1:] != ["0"]:
+        assert time.monotonic() < deadline, "the guest never saw the link go down"
+        time.sleep(0.5)
+    lab.netns.ip("link", "set", "dev", lab.ifname, "up")
+    deadline = time.monotonic() + 15
+    while guest.run(carrier, check=False)[1].strip().splitlines()[-1:] != ["1"]:
+        assert time.monotonic() < deadline, "the guest never saw the link come back"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while loss(ping(guest, 2, check=False)[1]) == 100:  # QEMU restores the rings
+        assert time.monotonic() < deadline
+    assert loss(ping(guest)[1]) == 0

@@ -383,3 +383,42 @@ def test_rx_is_signalled_at_once_unless_the_guest_is_streaming_out(net_daemon, n
         assert rx_signals() == 3  # ...but its signal waits for the window's end
         wait_for(lambda: rx_signals() == 4, 5, "the deferred RX signal")
     host.close()
+
+
+def test_the_link_going_down_and_up_is_pushed_to_the_frontend(net_daemon, netns):
+    """BACKEND_REQ: a config change message on the back-end's channel each time
+    the TAP's link changes (acked: REPLY_ACK is negotiated), and the config's
+    status follows."""
+    d = net_daemon()
+    with NetFrontend.connect(d.sock) as fe:
+        assert fe.backend_channel is not None  # SET_BACKEND_REQ_FD was accepted
+        status = lambda: spec.CONFIG.unpack(fe.client.get_config(0, spec.CONFIG.size))[1]  # noqa: E731
+        assert status() & spec.S_LINK_UP
+        netns.ip("link", "set", "dev", d.ifname, "down")
+        assert fe.poll_backend_requests(timeout=5) == [2]  # CONFIG_CHANGE_MSG
+        assert not status() & spec.S_LINK_UP
+        netns.ip("link", "set", "dev", d.ifname, "up")
+        assert fe.poll_backend_requests(timeout=5) == [2]
+        assert status() & spec.S_LINK_UP
+
+
+def test_a_frontend_that_refuses_config_changes_is_kept_away_while_the_link_is_down(
+    net_daemon, netns
+):
+    """As QEMU does (its virtio-net has no config notifier for vhost-user): the
+    only way left to show the guest a down link is to be gone, as QEMU sets a
+    vhost-user NIC's link down while its back-end is away."""
+    import os
+
+    d = net_daemon()
+    fe = NetFrontend.connect(d.sock)
+    netns.ip("link", "set", "dev", d.ifname, "down")
+    assert fe.poll_backend_requests(timeout=5, status=1) == [2]  # refused, like QEMU
+    wait_for(lambda: not os.path.exists(d.sock), 5, "pyvhost to stop listening")
+    fe.close()
+    netns.ip("link", "set", "dev", d.ifname, "up")
+    wait_for(lambda: os.path.exists(d.sock), 5, "pyvhost to listen again")
+    with NetFrontend.connect(d.sock) as fe:
+        fe.post_rx()
+    _, err = d.stop()
+    assert "disconnecting it until the link is up again" in err

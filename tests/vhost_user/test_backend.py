@@ -44,6 +44,7 @@ def test_the_offered_protocol_features_are_the_documented_set(session):
         PF.CONFIGURE_MEM_SLOTS,
         PF.STATUS,
         PF.RARP,
+        PF.BACKEND_REQ,
     )
     assert got == want
 

@@ -46,6 +46,9 @@ SIOCGIFFLAGS = 0x8913
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
 IFF_UP = 0x1
+IFF_RUNNING = 0x40
+SIOCGIFINDEX = 0x8933
+RTMGRP_LINK = 1
 IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # name, flags (or an int), padding to 40 bytes
 _IFREQ_INT = struct.Struct("16si20x")
@@ -168,13 +171,16 @@ class Tap:
         except OSError as e:
             raise TapError(f"sndbuf={size}: TUNSETSNDBUF failed: {e.strerror}") from e
 
-    def _in_device_netns(self, fn):
-        """Run fn(sock) with an AF_INET socket in the namespace the TAP lives in.
+    def _in_device_netns(self, fn, make=None):
+        """Run fn(sock) with a socket made in the namespace the TAP lives in
+        (`make()`, by default an AF_INET datagram socket).
 
         The interface may have been moved into another network namespace
         since it was opened (its fd keeps working); name-based ioctls must
-        then be made from there.
+        then be made from there, and a socket is in the namespace it was made in.
         """
+        if make is None:
+            make = lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # noqa: E731
         try:
             ns_fd = fcntl.ioctl(self.fd, TUNGETDEVNETNS)
         except OSError:
@@ -182,14 +188,14 @@ class Tap:
         if ns_fd < 0 or os.fstat(ns_fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
             if ns_fd >= 0:
                 os.close(ns_fd)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with make() as s:
                 return fn(s)
         home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if _libc.setns(ns_fd, _CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns into the TAP's network namespace")
             try:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s = make()
             finally:
                 if _libc.setns(home, _CLONE_NEWNET) != 0:  # pragma: no cover
                     raise OSError(ctypes.get_errno(), "setns back")
@@ -200,12 +206,32 @@ class Tap:
             os.close(ns_fd)
 
     def link_up(self) -> bool:
-        """Is the interface administratively up (IFF_UP)?"""
+        """Is the interface up: administratively (IFF_UP) and running (IFF_RUNNING,
+        which a TAP loses with its carrier)?"""
 
         def flags(s: socket.socket) -> int:
             return _IFREQ.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(self.name)))[1]
 
-        return bool(self._in_device_netns(flags) & IFF_UP)
+        f = self._in_device_netns(flags)
+        return bool(f & IFF_UP and f & IFF_RUNNING)
+
+    def ifindex(self) -> int:
+        def get(s: socket.socket) -> int:
+            return _IFREQ_INT.unpack(fcntl.ioctl(s, SIOCGIFINDEX, _ifreq(self.name)))[1]
+
+        return self._in_device_netns(get)
+
+    def link_events(self) -> socket.socket:
+        """A netlink socket, in the namespace the TAP is in now, that hears every
+        link change there (RTMGRP_LINK): how a carrier or admin change is seen."""
+
+        def netlink() -> socket.socket:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+
+        nl = self._in_device_netns(lambda s: s.dup(), netlink)  # `with` closes the original
+        nl.bind((0, RTMGRP_LINK))
+        nl.setblocking(False)
+        return nl
 
     def mtu(self) -> int:
         def get(s: socket.socket) -> int:

@@ -172,6 +172,9 @@ class VhostUserClient:
     def send_rarp(self, mac: bytes) -> None:
         self.request(R.SEND_RARP, U64(int.from_bytes(mac.ljust(8, b"\0"), sys.byteorder)))
 
+    def set_backend_req_fd(self, fd: int) -> None:
+        self.request(R.SET_BACKEND_REQ_FD, EMPTY, (fd,))
+
     def set_status(self, status: int) -> None:
         self.request(R.SET_STATUS, U64(status))
 

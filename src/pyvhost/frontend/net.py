@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +23,8 @@ from pyvhost.devices.net import spec
 from pyvhost.errors import PeerError
 from pyvhost.frontend.client import VhostUserClient, eventfd
 from pyvhost.testing import GuestRam
-from pyvhost.vhost_user.messages import MemoryRegionDesc
+from pyvhost.vhost_user.codec import MessageReader, encode
+from pyvhost.vhost_user.messages import U64, MemoryRegionDesc
 from pyvhost.vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     ProtocolFeature as PF,
@@ -81,6 +83,7 @@ WANTED_PROTOCOL = mask(
     PF.RESET_DEVICE,
     PF.STATUS,
     PF.RARP,
+    PF.BACKEND_REQ,
 )
 
 
@@ -127,6 +130,8 @@ class NetFrontend:
         self._use_add_mem_reg = use_add_mem_reg
         self.features = 0
         self.hdr_size = spec.HDR_SIZE
+        self.backend_channel: socket.socket | None = None  # the back-end's requests
+        self.backend_requests: list[int] = []  # what came on it, in order
 
     @classmethod
     def connect(cls, path: str, timeout: float = 10.0, **kwargs) -> NetFrontend:
@@ -146,6 +151,15 @@ class NetFrontend:
         if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             c.set_protocol_features(c.get_protocol_features() & self._want_protocol)
         c.set_owner()
+        if c.protocol_features & (1 << PF.BACKEND_REQ):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                c.set_backend_req_fd(theirs.fileno())
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            self.backend_channel = ours
+            self._channel_reader = MessageReader()
         pairs = self.queue_pairs
         if c.protocol_features & (1 << PF.MQ):
             pairs = c.get_queue_num()
@@ -393,6 +407,31 @@ class NetFrontend:
         if status != spec.CTRL_OK:
             raise PeerError(f"the device refused {n} queue pairs")
 
+    def poll_backend_requests(self, timeout: float = 0.0, status: int = 0) -> list[int]:
+        """Read the back-end's requests (answering each that asks for an ack with
+        `status`: 0 is success); returns the request numbers that came now (also
+        kept in backend_requests)."""
+        ch = self.backend_channel
+        if ch is None:
+            return []
+        got: list[int] = []
+        if timeout:
+            select.select([ch], [], [], timeout)
+        while True:
+            try:
+                data = ch.recv(4096)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            for frame in self._channel_reader.feed(data):
+                frame.close_fds()
+                got.append(frame.header.request)
+                if frame.need_reply:
+                    ch.sendall(encode(frame.header.request, U64(status), reply=True))
+        self.backend_requests += got
+        return got
+
     def ring_errors(self, index: int) -> int:
         """How often the back-end signalled ring `index`'s error eventfd."""
         try:
@@ -407,6 +446,9 @@ class NetFrontend:
         return {i: self.client.get_vring_base(i) for i in self.rings}
 
     def close(self) -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
         self.client.close()
         for ring in self.rings.values():
             for fd in (ring.kick, ring.call, ring.err):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvhost.device import RingConfig, VirtioDevice
@@ -37,6 +38,7 @@ from pyvhost.memory import (
     GuestMemory,
     RegionSpec,
 )
+from pyvhost.vhost_user.channel import BackendChannel, channel_from
 from pyvhost.vhost_user.codec import REQUESTS, Frame, Message, decode_request, encode, request_name
 from pyvhost.vhost_user.messages import (
     U64,
@@ -52,6 +54,7 @@ from pyvhost.vhost_user.protocol import (
     VERSION,
     VERSION_MASK,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    BackendRequest,
     ProtocolFeature as PF,
     Request as R,
     mask,
@@ -75,6 +78,7 @@ OFFERED_PROTOCOL_FEATURES = mask(
     PF.CONFIGURE_MEM_SLOTS,
     PF.STATUS,
     PF.RARP,
+    PF.BACKEND_REQ,
 )
 
 
@@ -116,6 +120,9 @@ class Backend:
         self.status = 0
         self.vrings = [Vring(i) for i in range(device.num_queues())]
         self.errors = 0  # requests refused, for tests and stats
+        self.channel: BackendChannel | None = None  # SET_BACKEND_REQ_FD's socket
+        self.config_refused = False  # the front-end answered a config change with an error
+        self.on_config_refused: Callable[[], None] | None = None
         # ADD_MEM_REG references per region: QEMU 7.2 sends the same region once
         # per queue pair (each pair is its own vhost_dev), and removes it as often.
         self._region_refs: dict[MemoryRegionDesc, tuple[tuple[int, int], int]] = {}
@@ -176,6 +183,9 @@ class Backend:
                     step(vring)
                 except Exception as e:
                     errors.append(e)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         for step in (self.device.reset, self.memory.clear):
             try:
                 step()
@@ -548,6 +558,32 @@ class Backend:
 
     def _on_send_rarp(self, msg: Message) -> None:
         self.device.send_rarp(msg.payload.pack()[:6])
+
+    # --- the back-end's channel ------------------------------------------------------
+
+    def _on_set_backend_req_fd(self, msg: Message) -> None:
+        fd = msg.fds.pop()
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = channel_from(fd, self.loop, self._has_protocol(PF.REPLY_ACK))
+        self.channel.on_ack = self._on_channel_ack
+
+    def can_push_config(self) -> bool:
+        """Can a config change reach the driver through the back-end channel?"""
+        return self.channel is not None and not self.channel.closed and not self.config_refused
+
+    def send_config_change(self) -> None:
+        """The device's config space changed (the link went down or up): tell the
+        front-end, which re-reads it and interrupts the driver."""
+        if self.channel is not None:
+            self.channel.send(BackendRequest.CONFIG_CHANGE_MSG)
+
+    def _on_channel_ack(self, request: BackendRequest, status: int) -> None:
+        if request is BackendRequest.CONFIG_CHANGE_MSG and status:
+            # QEMU's virtio-net has no config notifier for vhost-user (-ENOSYS).
+            self.config_refused = True
+            if self.on_config_refused is not None:
+                self.on_config_refused()
 
 
 def _as_request(number: int):

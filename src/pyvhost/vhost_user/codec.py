@@ -88,6 +88,7 @@ REQUESTS: dict[R, RequestSpec] = {
     R.ADD_MEM_REG: RequestSpec(SingleRegion, fds=Fds.ONE, gate=PF.CONFIGURE_MEM_SLOTS),
     R.REM_MEM_REG: RequestSpec(SingleRegion, fds=Fds.AT_MOST_ONE, gate=PF.CONFIGURE_MEM_SLOTS),
     R.SET_STATUS: RequestSpec(U64, gate=PF.STATUS),
+    R.SET_BACKEND_REQ_FD: RequestSpec(Empty, fds=Fds.ONE, gate=PF.BACKEND_REQ),
     R.GET_STATUS: RequestSpec(Empty, reply=U64, gate=PF.STATUS),
 }
 

@@ -52,7 +52,11 @@ class Daemon:
         self.conn: Connection | None = None
         self.backend: Backend | None = None
         self.sessions = 0  # front-ends served so far
+        # The device's link is down and the front-end cannot be told so: it is
+        # kept away (as if pyvhost were gone) until the link is up again.
+        self.unplugged = False
         self._next_connect = 0.0
+        device.on_link_change = self._on_link_change
         # Everything this daemon registers (and what its sessions register)
         # is its own: a datapath error ends its session, not another's.
         with self.loop.owned_by(self):
@@ -105,6 +109,7 @@ class Daemon:
     def _start_session(self, sock: socket.socket) -> None:
         self.conn = Connection(sock)
         self.backend = Backend(self.device, self.loop)
+        self.backend.on_config_refused = self._on_config_refused
         self.sessions += 1
         self.loop.add_reader(self.conn.fileno(), self._on_control)
         log.info("front-end connected (session %d)", self.sessions)
@@ -155,13 +160,55 @@ class Daemon:
             log.exception("releasing the session failed part-way")
         finally:
             conn.close()
-            if self.listener is not None:
+            if self.listener is not None and not self.unplugged:
                 self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    # --- the device's link, shown to the guest ------------------------------------------
+
+    def _on_link_change(self, up: bool) -> None:
+        backend = self.backend
+        if backend is not None and backend.can_push_config():
+            backend.send_config_change()  # the driver re-reads the config's status
+        elif not up and backend is not None:
+            self._unplug("it did not take a config change message")
+        elif up and self.unplugged:
+            self._replug()
+
+    def _on_config_refused(self) -> None:
+        link = getattr(self.device, "link", None)
+        if link is not None and not link.up:
+            self._unplug("it refused the config change message")
+
+    def _unplug(self, why: str) -> None:
+        """Show a down link the only way a front-end like QEMU hears of it: its
+        vhost-user back-end goes away (QEMU sets the NIC's link down while it is
+        disconnected) and stays away until the link is up again."""
+        log.warning(
+            "link down: the front-end cannot be told (%s); disconnecting it until "
+            "the link is up again, so the guest sees the link down",
+            why,
+        )
+        self.unplugged = True
+        self._end_session()
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.socket_path)  # a reconnecting front-end finds nothing
+            except FileNotFoundError:
+                pass
+
+    def _replug(self) -> None:
+        log.info("link up: serving the front-end again")
+        self.unplugged = False
+        if not self.client:
+            self._listen()
 
     # --- running -------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = 0.5) -> None:
-        if self.client and self.conn is None:
+        if self.client and self.conn is None and not self.unplugged:
             with self.loop.owned_by(self):
                 self._try_connect()
             timeout = RECONNECT_INTERVAL if timeout is None else min(timeout, RECONNECT_INTERVAL)
@@ -174,7 +221,7 @@ class Daemon:
 
     def connect_if_due(self) -> None:
         """Client mode without a front-end: try again, at most every half second."""
-        if self.client and self.conn is None:
+        if self.client and self.conn is None and not self.unplugged:
             with self.loop.owned_by(self):
                 self._try_connect()
 

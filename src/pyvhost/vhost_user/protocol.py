@@ -54,6 +54,14 @@ class Request(enum.IntEnum):
     GET_STATUS = 40
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end to front-end requests, on the channel SET_BACKEND_REQ_FD gives."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+
+
 class ProtocolFeature(enum.IntEnum):
     """Bit numbers of the protocol feature mask."""
 

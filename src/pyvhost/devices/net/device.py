@@ -12,6 +12,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
+from pyvhost.backends.link import LinkWatcher
 from pyvhost.backends.vhost_net import VhostNet, max_mem_regions
 from pyvhost.device import QueueNotifier, RingConfig, ServedRing, VirtioDevice
 from pyvhost.devices.net import ctrl, spec
@@ -200,6 +201,33 @@ class VirtioNet(VirtioDevice):
         ]
         self.engines = list(self.kernel_pairs) if self.kernel_pairs else list(self.pairs)
         self._update_tap_queues()
+        self._watch_link()
+
+    # --- link state, pushed to the driver --------------------------------------------
+
+    def _watch_link(self) -> None:
+        """Hear the TAP's link go down and up (netlink), to tell the driver."""
+        self.link: LinkWatcher | None = None
+        if not hasattr(self.hosts[0], "link_events"):
+            return  # a host side without a link of its own (a switch port)
+        try:
+            self.link = LinkWatcher(self.hosts[0])
+        except OSError as e:
+            log.warning("link changes of %s will not reach the guest: %s", self.hosts[0].name, e)
+            return
+        self._link_fd = self.link.fileno()
+        self.loop.add_reader(self._link_fd, self._on_link_event)
+
+    def _on_link_event(self) -> None:
+        changed = self.link.changed()
+        if self.link.fileno() != self._link_fd:  # the TAP moved namespace: a new socket
+            self.loop.remove_reader(self._link_fd)
+            self._link_fd = self.link.fileno()
+            self.loop.add_reader(self._link_fd, self._on_link_event)
+        if changed:
+            log.info("link of %s is %s", self.hosts[0].name, "up" if self.link.up else "down")
+            if self.on_link_change is not None:
+                self.on_link_change(self.link.up)
 
     # --- what the device offers ----------------------------------------------------
 
@@ -391,6 +419,11 @@ class VirtioNet(VirtioDevice):
 
     def detach(self) -> None:
         self.reset()
+        link = getattr(self, "link", None)
+        if link is not None:
+            self.loop.remove_reader(self._link_fd)
+            link.close()
+            self.link = None
 
     # --- moving a pair between datapaths -----------------------------------------------
 
