@@ -8,10 +8,12 @@ the backend (a TAP queue fd). Which values go in is the device's business
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterable
 
 from pyvhost.errors import OptionError, TapError
@@ -77,12 +79,16 @@ def max_mem_regions() -> int:
         return DEFAULT_MAX_MEM_REGIONS
 
 
+_SET_OWNER_TRIES = 5
+
+
 class VhostNet:
     """One vhost-net instance. Owns its fd."""
 
     def __init__(self, fd: int, origin: str) -> None:
         self.fd = fd
         self.origin = origin  # where the fd came from, for error messages
+        self.owned = False  # VHOST_SET_OWNER done and not reset since
 
     @classmethod
     def open(cls) -> VhostNet:
@@ -117,10 +123,30 @@ class VhostNet:
     # --- the device ------------------------------------------------------------------
 
     def set_owner(self) -> None:
-        self._ioctl("VHOST_SET_OWNER", VHOST_SET_OWNER)
+        """Make this process the owner (the kernel starts its worker thread).
+
+        Linux 6.4 and later create that worker like a thread, which fails while
+        a signal is pending; vhost reports any such failure as ENOMEM. It is
+        tried again a few times before the error is believed."""
+        if self.owned:
+            return
+        for attempt in range(_SET_OWNER_TRIES):
+            try:
+                self._ioctl("VHOST_SET_OWNER", VHOST_SET_OWNER)
+                break
+            except VhostNetError as e:
+                if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.ENOMEM:
+                    raise
+                if attempt == _SET_OWNER_TRIES - 1:
+                    raise
+                time.sleep(0.01)
+        self.owned = True
 
     def reset_owner(self) -> None:
         """Back to a fresh instance: rings, memory table, backends and owner dropped."""
+        if not self.owned:
+            return  # nothing to drop (the kernel would answer EPERM)
+        self.owned = False
         self._ioctl("VHOST_RESET_OWNER", VHOST_RESET_OWNER)
 
     def get_features(self) -> int:

@@ -121,10 +121,10 @@ class KernelPair:
 
     def reset(self) -> None:
         """The front-end is gone: a fresh instance for the next one (the kernel
-        drops its memory table and any eventfd it still held)."""
+        drops its memory table and any eventfd it still held). Ownership is
+        taken again when the next session starts a ring."""
         self.close()
         self.vhost.reset_owner()
-        self.vhost.set_owner()
 
     # --- the memory table ---------------------------------------------------------------
 
@@ -133,6 +133,7 @@ class KernelPair:
         if self._memory is memory:
             return
         self._end()
+        self.vhost.set_owner()  # after a reset; a no-op while still owned
         acked = self._features & self.supported & ~(1 << VHOST_NET_F_VIRTIO_NET_HDR)
         acked &= ~(1 << VHOST_F_LOG_ALL)  # dirty logging: not yet (see README)
         if not self.host.has_vnet_hdr:
