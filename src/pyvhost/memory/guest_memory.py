@@ -28,6 +28,7 @@ from pyvhost.errors import (
     RegionNotFoundError,
 )
 from pyvhost.memory.address import ADDRESS_LIMIT, FrontendAddress, GuestAddress
+from pyvhost.memory.dirty_log import DirtyLog
 from pyvhost.memory.region import MemoryRegion, RegionSpec
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,18 @@ class GuestMemory:
         self._table = _Table(())
         self._last: MemoryRegion | None = None
         self._listeners: list[MemoryListener] = []
+        # While a live migration logs dirty pages: the log every write marks
+        # (the virtqueue marks what the device wrote as it returns a chain).
+        self.log: DirtyLog | None = None
+
+    def set_log(self, log: DirtyLog | None) -> None:
+        """Start (or stop, with None) logging writes; listeners with a
+        `log_changed()` (the kernel datapath) are told."""
+        self.log = log
+        for listener in list(self._listeners):
+            changed = getattr(listener, "log_changed", None)
+            if changed is not None:
+                changed()
 
     # --- the map ------------------------------------------------------------
 

@@ -121,7 +121,11 @@ class SplitQueue:
         indirect: bool = False,
         next_avail: int = 0,
         name: str = "vq",
+        log_used: int | None = None,
     ) -> None:
+        """`log_used`: while the memory's dirty log is on, used-ring writes are
+        logged as if the used ring were at this guest address (SET_VRING_ADDR's
+        log_guest_addr); None: at the used ring's own address."""
         if not is_valid_queue_size(size):
             raise QueueConfigError(f"{name}: queue size {size} is not a power of two <= 32768")
         for what, addr, align in (
@@ -157,6 +161,9 @@ class SplitQueue:
         self._next_used = self._used16[_IDX]
         self._signalled_used: int | None = None  # used idx at the last notify decision
         self._kicks_wanted = True  # until disable_notification(): keep avail_event current
+        self.log_used = used_addr if log_used is None else log_used
+        # While logging: what each chain in flight may write (guest ranges), by head.
+        self._writable_ranges: dict[int, list[tuple[int, int]]] = {}
         memory.add_listener(self)
 
     # --- state the vhost-user layer reads and sets ------------------------------
@@ -254,6 +261,8 @@ class SplitQueue:
         if head >= size:
             raise DescriptorIndexError(f"avail ring names head {head}, past a table of {size}")
         gather = self._memory.gather
+        logging_ = self._memory.log is not None
+        ranges: list[tuple[int, int]] = []
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         rlen = wlen = 0
@@ -278,6 +287,8 @@ class SplitQueue:
             if flags & VIRTQ_DESC_F_WRITE:
                 gather(addr, length, writable, True)
                 wlen += length
+                if logging_:
+                    ranges.append((addr, length))
             else:
                 if writable:
                     raise DescriptorOrderError(
@@ -295,6 +306,8 @@ class SplitQueue:
             idx = nxt
         if rlen + wlen > MAX_CHAIN_BYTES:
             raise ChainLengthError(f"chain at head {head} spans {rlen + wlen} bytes")
+        if logging_:
+            self._writable_ranges[head] = ranges
         return DescriptorChain(head, readable, writable, rlen, wlen)
 
     def _indirect_table(
@@ -337,10 +350,14 @@ class SplitQueue:
             raise DescriptorIndexError(f"{self.name}: used head {head} is past the table")
         nu = self._next_used
         _pack_used(used, RING_ENTRIES + 8 * (nu & self._mask), head, written)
+        if self._memory.log is not None:
+            self._log_completion(head, written, nu)
         nu = (nu + 1) & 0xFFFF
         self._next_used = nu
         # x86 keeps these two stores in order: the element is visible first.
         self._used16[_IDX] = nu
+        if self._memory.log is not None:
+            self._log_used_idx()
 
     def push_used_batch(self, completions: list[tuple[int, int]]) -> None:
         """Return several chains, publishing used.idx once after all elements."""
@@ -350,13 +367,59 @@ class SplitQueue:
         size = self.size
         mask = self._mask
         nu = self._next_used
+        logging_ = self._memory.log is not None
         for head, written in completions:
             if not 0 <= head < size:
                 raise DescriptorIndexError(f"{self.name}: used head {head} is past the table")
             _pack_used(used, RING_ENTRIES + 8 * (nu & mask), head, written)
+            if logging_:
+                self._log_completion(head, written, nu)
             nu = (nu + 1) & 0xFFFF
         self._next_used = nu
         self._used16[_IDX] = nu
+        if logging_:
+            self._log_used_idx()
+
+    # --- the dirty log (live migration) ------------------------------------------------
+
+    def _log_completion(self, head: int, written: int, slot: int) -> None:
+        """Log what the device wrote for chain `head` (its first `written` bytes
+        of writable buffers) and the used element that returns it."""
+        dirty = self._memory.log
+        ranges = self._writable_ranges.pop(head, None)
+        if ranges is None and written:
+            # Popped before logging began: its buffers were not recorded, so log
+            # them whole from the descriptors (a chain of the guest's own making).
+            ranges = self._ranges_of(head)
+        left = written
+        for addr, length in ranges or ():
+            if left <= 0:
+                break
+            n = min(length, left)
+            dirty.mark(addr, n)
+            left -= n
+        dirty.mark(self.log_used + RING_ENTRIES + 8 * (slot & self._mask), 8)
+
+    def _log_used_idx(self) -> None:
+        self._memory.log.mark(self.log_used + RING_IDX, 2)
+        self._memory.log.signal()
+
+    def log_changed(self) -> None:
+        """Logging began or ended: ranges recorded before are stale (a head seen
+        then may be reused by a chain popped while logging was off)."""
+        self._writable_ranges.clear()
+
+    def _ranges_of(self, head: int) -> list[tuple[int, int]]:
+        """The writable guest ranges of chain `head`, read again from its
+        descriptors, with the same checks as _walk."""
+        saved, self._writable_ranges = self._writable_ranges, {}
+        try:
+            self._walk(head)
+            return self._writable_ranges.get(head, [])
+        except (QueueError, GuestMemoryError):
+            return []
+        finally:
+            self._writable_ranges = saved
 
     # --- notifications ---------------------------------------------------------------
 
