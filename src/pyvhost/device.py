@@ -54,6 +54,9 @@ class RingConfig:
     polled: bool = False  # no kick fd: the front-end asked for the ring to be polled
     name: str = ""
     errors: list[str] = field(default_factory=list)  # why the ring broke, if it did
+    # With dirty logging: the guest address where used-ring writes are logged
+    # (SET_VRING_ADDR's log_guest_addr); None: the used ring's own.
+    log_used: int | None = None
 
     def signal_error(self, error: Exception) -> None:
         """The ring broke (hostile or corrupt driver data): say so on its error
@@ -101,6 +104,7 @@ class ServedRing:
             indirect=config.indirect,
             next_avail=config.base,
             name=config.name or f"ring {config.index}",
+            log_used=config.log_used,
         )
         self.queue.on_broken = config.signal_error
         self.notifier = QueueNotifier(self.queue, config.call_fd)
@@ -184,6 +188,11 @@ class VirtioDevice:
     def describe_features(self, bits: int) -> str:
         """Feature bits as a user should read them in an error message."""
         return f"0x{bits:x}"
+
+    def dirty_logging_unavailable(self) -> str | None:
+        """None if the device can have its writes logged for live migration,
+        else why not (it is then not offered)."""
+        return None
 
     def max_memory_regions(self) -> int | None:
         """A limit on guest memory regions below the transport's own, or None."""

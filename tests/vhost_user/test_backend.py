@@ -37,6 +37,7 @@ def test_the_offered_protocol_features_are_the_documented_set(session):
     got = session.send(R.GET_PROTOCOL_FEATURES).value
     want = mask(
         PF.MQ,
+        PF.LOG_SHMFD,
         PF.REPLY_ACK,
         PF.NET_MTU,
         PF.CONFIG,

@@ -150,7 +150,7 @@ def test_vring_payloads_round_trip_any_values(index, num, addr):
         (raw(R.SET_OWNER, b"", flags=2), MalformedMessageError, "version 2"),
         (raw(R.SET_OWNER, b"", flags=VERSION | FLAG_REPLY), MalformedMessageError, "reply flag"),
         (raw(99, b""), UnknownRequestError, "request 99"),
-        (raw(R.SET_LOG_BASE, bytes(16)), UnknownRequestError, "SET_LOG_BASE"),
+        (raw(R.GET_INFLIGHT_FD, bytes(16)), UnknownRequestError, "GET_INFLIGHT_FD"),
         (raw(R.SET_VRING_KICK, struct.pack("=Q", 0x200)), MalformedMessageError, "reserved"),
         (
             raw(R.SET_MEM_TABLE, struct.pack("=II", 9, 0) + REGION.pack() * 9),

@@ -33,10 +33,12 @@ from pyvhost.errors import (
 from pyvhost.eventloop import EventLoop
 from pyvhost.memory import (
     DEFAULT_MAX_REGIONS,
+    DirtyLog,
     FrontendAddress,
     GuestAddress,
     GuestMemory,
     RegionSpec,
+    logging_supported,
 )
 from pyvhost.vhost_user.channel import BackendChannel, channel_from
 from pyvhost.vhost_user.codec import REQUESTS, Frame, Message, decode_request, encode, request_name
@@ -53,7 +55,9 @@ from pyvhost.vhost_user.protocol import (
     FLAG_REPLY,
     VERSION,
     VERSION_MASK,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
     BackendRequest,
     ProtocolFeature as PF,
     Request as R,
@@ -71,6 +75,7 @@ log = logging.getLogger(__name__)
 # What pyvhost offers of the protocol extensions.
 OFFERED_PROTOCOL_FEATURES = mask(
     PF.MQ,
+    PF.LOG_SHMFD,
     PF.REPLY_ACK,
     PF.NET_MTU,
     PF.CONFIG,
@@ -113,6 +118,15 @@ class Backend:
         self.memory = GuestMemory(min(limit or DEFAULT_MAX_REGIONS, DEFAULT_MAX_REGIONS))
         self.offered_features = device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        # Live migration: dirty logging, where the device allows it and libatomic
+        # is there to set bits in a log others write too.
+        why_not = device.dirty_logging_unavailable() or logging_supported()
+        if why_not is None:
+            self.offered_features |= 1 << VHOST_F_LOG_ALL
+        else:
+            self.offered_protocol_features &= ~(1 << PF.LOG_SHMFD)
+        self.log: DirtyLog | None = None  # SET_LOG_BASE's log, mapped
+        self.fatal = False  # a refusal the session cannot go on after
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.protocol_features_set = False  # SET_PROTOCOL_FEATURES was received
@@ -186,6 +200,10 @@ class Backend:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        self.memory.set_log(None)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         for step in (self.device.reset, self.memory.clear):
             try:
                 step()
@@ -222,6 +240,7 @@ class Backend:
             )
         self.acked_features = features
         self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        self._update_logging()
 
     def _on_get_protocol_features(self, msg: Message) -> U64:
         return U64(self.offered_protocol_features)
@@ -472,6 +491,9 @@ class Backend:
             polled=vring.polled,
             name=f"{self.device.name} ring {vring.index}",
             errors=vring.errors,
+            # Where used-ring writes are logged: log_guest_addr, or (a front-end
+            # that gave none) the used ring's own guest address.
+            log_used=vring.addr.log if vring.addr.flags & VHOST_VRING_F_LOG else used,
         )
         # Raises to refuse (e.g. a ring the negotiated features do not have).
         self.device.ring_started(config)
@@ -558,6 +580,43 @@ class Backend:
 
     def _on_send_rarp(self, msg: Message) -> None:
         self.device.send_rarp(msg.payload.pack()[:6])
+
+    # --- dirty logging (live migration) ---------------------------------------------
+
+    def _on_set_log_base(self, msg: Message) -> U64:
+        fd = msg.fds.pop()
+        try:
+            log_ = DirtyLog(fd, msg.payload.mmap_size, msg.payload.mmap_offset)  # owns fd
+        except PyvhostError:
+            # No failure code exists for this answer, and a migration that goes on
+            # without the log would silently lose the pages written meanwhile:
+            # the session ends once the (empty) answer is sent.
+            self.fatal = True
+            raise
+        if self.log is not None:
+            old = self.log
+            self.memory.set_log(None)
+            log_.notify_fd, old.notify_fd = old.notify_fd, None
+            old.close()
+        self.log = log_
+        self._update_logging()
+        return U64(0)
+
+    def _on_set_log_fd(self, msg: Message) -> None:
+        fd = msg.fds.pop()
+        if self.log is None:
+            os.close(fd)
+            raise InvalidRequestError("SET_LOG_FD before SET_LOG_BASE: no log to signal for")
+        if self.log.notify_fd is not None:
+            os.close(self.log.notify_fd)
+        self.log.notify_fd = fd
+
+    def _update_logging(self) -> None:
+        """Writes are logged while VHOST_F_LOG_ALL is acked and a log is mapped."""
+        on = self.log is not None and bool(self.acked_features & (1 << VHOST_F_LOG_ALL))
+        if on != (self.memory.log is not None):
+            self.memory.set_log(self.log if on else None)
+            log.info("dirty logging %s", "on: live migration" if on else "off")
 
     # --- the back-end's channel ------------------------------------------------------
 

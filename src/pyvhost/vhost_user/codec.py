@@ -27,6 +27,7 @@ from pyvhost.vhost_user.messages import (
     ConfigSpace,
     Empty,
     Header,
+    LogBase,
     MemoryTable,
     Payload,
     SingleRegion,
@@ -89,6 +90,9 @@ REQUESTS: dict[R, RequestSpec] = {
     R.REM_MEM_REG: RequestSpec(SingleRegion, fds=Fds.AT_MOST_ONE, gate=PF.CONFIGURE_MEM_SLOTS),
     R.SET_STATUS: RequestSpec(U64, gate=PF.STATUS),
     R.SET_BACKEND_REQ_FD: RequestSpec(Empty, fds=Fds.ONE, gate=PF.BACKEND_REQ),
+    # With LOG_SHMFD the front-end waits for an answer once the log is mapped.
+    R.SET_LOG_BASE: RequestSpec(LogBase, reply=U64, fds=Fds.ONE, gate=PF.LOG_SHMFD),
+    R.SET_LOG_FD: RequestSpec(Empty, fds=Fds.ONE),
     R.GET_STATUS: RequestSpec(Empty, reply=U64, gate=PF.STATUS),
 }
 

@@ -127,6 +127,8 @@ class Daemon:
                     frame.close_fds()  # whatever the handler did not take
                 if reply is not None:
                     conn.send(reply)
+                if backend.fatal:
+                    raise TransportError("a request failed that the session cannot go on after")
         except TransportError as e:
             log.info("front-end gone: %s", e)
             self._end_session()

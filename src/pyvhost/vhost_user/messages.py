@@ -30,6 +30,7 @@ _ADDR = struct.Struct("=IIQQQQ")
 _REGION = struct.Struct("=QQQQ")
 _TABLE_HEAD = struct.Struct("=II")
 _CONFIG_HEAD = struct.Struct("=III")
+_LOG = struct.Struct("=QQ")
 
 assert _HEADER.size == HEADER_SIZE
 
@@ -214,6 +215,22 @@ class SingleRegion:
 
 
 @dataclass(frozen=True)
+class LogBase:
+    """SET_LOG_BASE with LOG_SHMFD: the log's size and offset in the fd sent along."""
+
+    mmap_size: int
+    mmap_offset: int
+
+    def pack(self) -> bytes:
+        return _LOG.pack(self.mmap_size, self.mmap_offset)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> LogBase:
+        _exact(body, _LOG.size, "log base")
+        return cls(*_LOG.unpack(body))
+
+
+@dataclass(frozen=True)
 class ConfigSpace:
     """GET_CONFIG / SET_CONFIG: offset, size, flags, then `size` bytes."""
 
@@ -236,4 +253,14 @@ class ConfigSpace:
         return cls(offset, size, flags, bytes(body[_CONFIG_HEAD.size :]))
 
 
-Payload = Empty | U64 | VringState | VringFd | VringAddr | MemoryTable | SingleRegion | ConfigSpace
+Payload = (
+    Empty
+    | U64
+    | VringState
+    | VringFd
+    | VringAddr
+    | MemoryTable
+    | SingleRegion
+    | ConfigSpace
+    | LogBase
+)

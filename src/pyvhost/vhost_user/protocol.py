@@ -93,6 +93,10 @@ def mask(*bits: int) -> int:
 
 # Virtio feature bit 30, reused by vhost-user to announce protocol features.
 VHOST_USER_F_PROTOCOL_FEATURES = 30
+# Virtio feature bit 26, reused by vhost: log writes to guest memory (migration).
+VHOST_F_LOG_ALL = 26
+# SET_VRING_ADDR's flag: log used-ring writes at the log_guest_addr given.
+VHOST_VRING_F_LOG = 1
 
 # Header flags.
 VERSION = 0x1
