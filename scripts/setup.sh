@@ -36,6 +36,7 @@ python_env() {
     .venv/bin/python -m pip install -q -e "$1"
 }
 
-# What running a guest needs.
+# What running a guest needs (libatomic1: pyvhost sets bits in a live
+# migration's dirty log with atomic ORs).
 GUEST_PACKAGES=(python3 python3-venv python3-pip iproute2 qemu-system-x86 busybox-static
-                iperf3 util-linux dpkg apt ca-certificates)
+                iperf3 util-linux dpkg apt ca-certificates libatomic1)

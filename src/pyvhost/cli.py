@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Python hook on queue pair PAIR's frames (pair0, pair1, ...); runs in the "
         "Python datapath",
     )
+    net.add_argument(
+        "--no-migration",
+        dest="migration",
+        action="store_false",
+        help="do not offer dirty logging (VHOST_F_LOG_ALL): QEMU then refuses to "
+        "live-migrate the guest",
+    )
     net.add_argument("--user", help="drop to this user once the TAP is open")
     net.add_argument("--group", help="drop to this group once the TAP is open")
     net.add_argument(
@@ -367,6 +374,7 @@ def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.backends.tap_options import parse_netdev
     from pyvhost.control import ControlServer
     from pyvhost.devices.net.device import VirtioNet
+    from pyvhost.memory import logging_supported
     from pyvhost.net_commands import NetCommands
     from pyvhost.stats import format_table
     from pyvhost.vhost_user.daemon import Daemon
@@ -402,7 +410,11 @@ def cmd_net(args: argparse.Namespace) -> int:
             tx_usecs=args.tx_usecs,
             rx_usecs=args.rx_usecs,
             vhosts=netdev.vhosts,
+            migration=args.migration,
         )
+        why = device.dirty_logging_unavailable() or logging_supported()
+        if why is not None:
+            (log.info if not args.migration else log.warning)("live migration unavailable: %s", why)
         daemon = served = Daemon(device, args.socket, client=args.client)
 
         commands = NetCommands(device, netdev.ifname, args.socket, lambda: served.sessions)

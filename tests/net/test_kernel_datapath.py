@@ -331,3 +331,42 @@ def test_a_hook_or_a_capture_moves_a_kernel_pair_to_python_and_back(net_daemon, 
 
     assert [f for _, _, f in read_pcapng(pcap.read_bytes())] == sent
     host.close()
+
+
+def test_the_kernel_logs_its_writes_while_a_migration_runs(net_daemon, netns):
+    from pyvhost.memory import LOG_PAGE
+    from pyvhost.virtq.layout import used_ring_size
+
+    def pages(addr: int, length: int) -> set[int]:
+        return set(range(addr // LOG_PAGE, (addr + length - 1) // LOG_PAGE + 1))
+
+    d = net_daemon("tap,ifname=IFNAME,vhost=on")
+    host = big_socket(netns, d.ifname)
+    with NetFrontend.connect(d.sock) as fe:
+        rx, tx = fe.rings[spec.rx_queue(0)], fe.rings[spec.tx_queue(0)]
+        rx_used = pages(rx.queue.used_addr, used_ring_size(fe.queue_size))
+        tx_used = pages(tx.queue.used_addr, used_ring_size(fe.queue_size))
+        fe.post_rx()
+        rx_buffers = set().union(*(pages(s, rx.slot_size) for s in rx.inflight.values()))
+        fe.start_logging()  # VHOST_SET_LOG_BASE, LOG_ALL, the rings' log addresses
+        assert fetch(d.sock + ".stats")["datapaths"] == ["kernel"]
+        fe.dirty_pages()
+        back = numbered(20, out=False)
+        for f in back:
+            host.send(f)
+        assert receive_ours(fe, 20) == back
+        dirty = fe.dirty_pages()
+        assert dirty & rx_buffers and rx_used <= dirty  # the kernel logged its RX writes
+        assert dirty <= rx_buffers | rx_used
+        sent = numbered(10)
+        for f in sent:
+            fe.send(f)
+        assert recv_ours(host, 10) == sent
+        wait_for(lambda: fe.tx_done() == 10, 10, "the kernel's TX completions")
+        dirty = fe.dirty_pages()
+        assert dirty and dirty <= tx_used  # TX writes only its used ring
+        fe.stop_logging()
+        host.send(back[0])
+        assert receive_ours(fe, 1) == back[:1]
+        assert fe.dirty_pages() == set()
+    host.close()

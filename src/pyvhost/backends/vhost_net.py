@@ -181,14 +181,30 @@ class VhostNet:
         self._ioctl("VHOST_GET_VRING_BASE", VHOST_GET_VRING_BASE, state)
         return _STATE.unpack(state)[1]
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, log: int = 0) -> None:
+    def set_vring_addr(
+        self, index: int, desc: int, used: int, avail: int, log: int | None = None
+    ) -> None:
         """Ring addresses in *this process's* address space (the kernel reads our
-        mapping of guest memory); `log`, a guest address, only with logging."""
-        flags = 1 if log else 0  # VHOST_VRING_F_LOG
+        mapping of guest memory); `log`: with dirty logging, the used ring's guest
+        address, where the kernel logs its used-ring writes."""
+        flags = 0 if log is None else 1  # VHOST_VRING_F_LOG
         self._ioctl(
             "VHOST_SET_VRING_ADDR",
             VHOST_SET_VRING_ADDR,
-            _ADDR.pack(index, flags, desc, used, avail, log),
+            _ADDR.pack(index, flags, desc, used, avail, log or 0),
+        )
+
+    def set_log_base(self, address: int) -> None:
+        """The dirty log, at this address of *this process* (our mapping of the
+        front-end's log): the kernel sets bits in it as pyvhost does."""
+        self._ioctl("VHOST_SET_LOG_BASE", VHOST_SET_LOG_BASE, struct.pack("=Q", address))
+
+    def set_log_fd(self, fd: int | None) -> None:
+        """An eventfd the kernel signals after logging writes; None: none."""
+        self._ioctl(
+            "VHOST_SET_LOG_FD",
+            VHOST_SET_LOG_FD,
+            struct.pack("=i", VHOST_FILE_UNBIND if fd is None else fd),
         )
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:

@@ -18,6 +18,7 @@ from pyvhost.vhost_user.messages import (
     U64,
     ConfigSpace,
     Empty,
+    LogBase,
     MemoryRegionDesc,
     MemoryTable,
     Payload,
@@ -139,8 +140,19 @@ class VhostUserClient:
     def get_vring_base(self, index: int) -> int:
         return self.request(R.GET_VRING_BASE, VringState(index, 0), reply_type=VringState).num
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int) -> None:
-        self.request(R.SET_VRING_ADDR, VringAddr(index, 0, desc, used, avail, 0))
+    def set_vring_addr(
+        self, index: int, desc: int, used: int, avail: int, log: int | None = None
+    ) -> None:
+        """`log`: with dirty logging, the guest address to log used-ring writes at."""
+        flags = 0 if log is None else 1  # VHOST_VRING_F_LOG
+        self.request(R.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, log or 0))
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Share the dirty log (LOG_SHMFD): the back-end answers once it is mapped."""
+        self.request(R.SET_LOG_BASE, LogBase(size, offset), (fd,), reply_type=U64)
+
+    def set_log_fd(self, fd: int) -> None:
+        self.request(R.SET_LOG_FD, EMPTY, (fd,))
 
     def _vring_fd(self, request: R, index: int, fd: int | None) -> None:
         self.request(request, VringFd(index, fd is None), () if fd is None else (fd,))

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pyvhost.devices.net import spec
 from pyvhost.errors import PeerError
 from pyvhost.frontend.client import VhostUserClient, eventfd
+from pyvhost.memory import LOG_PAGE
 from pyvhost.testing import GuestRam
+from pyvhost.testing.memfd import memfd
 from pyvhost.vhost_user.codec import MessageReader, encode
 from pyvhost.vhost_user.messages import U64, MemoryRegionDesc
 from pyvhost.vhost_user.protocol import (
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ProtocolFeature as PF,
     mask,
@@ -76,6 +79,7 @@ WANTED_FEATURES = mask(
 )
 WANTED_PROTOCOL = mask(
     PF.MQ,
+    PF.LOG_SHMFD,
     PF.REPLY_ACK,
     PF.CONFIG,
     PF.CONFIGURE_MEM_SLOTS,
@@ -132,6 +136,8 @@ class NetFrontend:
         self.hdr_size = spec.HDR_SIZE
         self.backend_channel: socket.socket | None = None  # the back-end's requests
         self.backend_requests: list[int] = []  # what came on it, in order
+        self.log_fd: int | None = None  # the dirty log, once logging started
+        self.log_size = 0
 
     @classmethod
     def connect(cls, path: str, timeout: float = 10.0, **kwargs) -> NetFrontend:
@@ -439,6 +445,41 @@ class NetFrontend:
         except BlockingIOError:
             return 0
 
+    # --- live migration: dirty logging ----------------------------------------------------
+
+    def start_logging(self) -> None:
+        """As QEMU does when a migration starts: share a log (SET_LOG_BASE), ack
+        VHOST_F_LOG_ALL, and give each ring its used-ring log address."""
+        if self.log_fd is None:
+            pages = (self.ram.guest_base + self.ram.size) // LOG_PAGE
+            self.log_size = (pages + 63) // 64 * 8
+            self.log_fd = memfd(self.log_size, "pyvhost-frontend-log")
+        self.client.set_log_base(self.log_fd, self.log_size)
+        self.client.set_features(self.features | 1 << VHOST_F_LOG_ALL)
+        self._set_ring_addresses(logging=True)
+
+    def stop_logging(self) -> None:
+        self.client.set_features(self.features)
+        self._set_ring_addresses(logging=False)
+
+    def _set_ring_addresses(self, logging: bool) -> None:
+        for index, ring in self.rings.items():
+            q = ring.queue
+            self.client.set_vring_addr(
+                index,
+                FRONTEND_BASE + q.desc_addr,
+                FRONTEND_BASE + q.used_addr,
+                FRONTEND_BASE + q.avail_addr,
+                log=q.used_addr if logging else None,
+            )
+
+    def dirty_pages(self, clear: bool = True) -> set[int]:
+        """Guest pages the back-end logged as written since the last call."""
+        data = bytearray(os.pread(self.log_fd, self.log_size, 0))
+        if clear:
+            os.pwrite(self.log_fd, bytes(self.log_size), 0)  # a test's race-free moment
+        return {i * 8 + b for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1}
+
     # --- teardown --------------------------------------------------------------------------
 
     def stop_rings(self) -> dict[int, int]:
@@ -450,6 +491,9 @@ class NetFrontend:
             self.backend_channel.close()
             self.backend_channel = None
         self.client.close()
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
         for ring in self.rings.values():
             for fd in (ring.kick, ring.call, ring.err):
                 os.close(fd)

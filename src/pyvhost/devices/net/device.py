@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pyvhost.backends.link import LinkWatcher
-from pyvhost.backends.vhost_net import VhostNet, max_mem_regions
+from pyvhost.backends.vhost_net import VHOST_F_LOG_ALL, VhostNet, max_mem_regions
 from pyvhost.device import QueueNotifier, RingConfig, ServedRing, VirtioDevice
 from pyvhost.devices.net import ctrl, spec
 from pyvhost.devices.net.datapath import HostQueue, QueuePair
@@ -108,12 +108,15 @@ class VirtioNet(VirtioDevice):
         tx_usecs: int = 0,
         rx_usecs: int = 0,
         vhosts: list[VhostNet] | None = None,
+        migration: bool = True,
     ) -> None:
         """`poll_us`: busy-poll a TX ring this long after its last frame before
         asking for kicks again. `tx_usecs`, `rx_usecs`: signal that kind of ring
         at most once per so many microseconds (pyvhost.moderation). 0: off.
         `vhosts`: one vhost-net instance per host queue; the pairs then start on
-        the kernel datapath and can be moved to Python and back while they run."""
+        the kernel datapath and can be moved to Python and back while they run.
+        `migration`: offer dirty logging (VHOST_F_LOG_ALL), which QEMU needs to
+        live-migrate the guest."""
         if not hosts:
             raise ValueError("a virtio-net device needs at least one host queue")
         if vhosts and len(vhosts) != len(hosts):
@@ -122,6 +125,7 @@ class VirtioNet(VirtioDevice):
         self.vhosts = vhosts or []
         self.mac = self.configured_mac = mac
         self.mtu = mtu
+        self.migration = migration
         self.poll_ns = poll_us * 1000
         self.tx_window_ns = tx_usecs * 1000
         self.rx_window_ns = rx_usecs * 1000
@@ -260,6 +264,14 @@ class VirtioNet(VirtioDevice):
         if withheld:
             text += f" ({spec.feature_names(withheld)}: the kernel's vhost-net lacks it)"
         return text
+
+    def dirty_logging_unavailable(self) -> str | None:
+        if not self.migration:
+            return "turned off (--no-migration)"
+        for k in self.kernel_pairs:
+            if not k.supported & (1 << VHOST_F_LOG_ALL):
+                return "this kernel's vhost-net lacks VHOST_F_LOG_ALL"
+        return None
 
     def max_memory_regions(self) -> int | None:
         """With vhost=on, the kernel's table is the limit (vhost's max_mem_regions)."""

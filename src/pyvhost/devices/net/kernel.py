@@ -63,7 +63,8 @@ class KernelPair:
         self._configs: dict[bool, RingConfig] = {}  # rx -> the ring it serves
         self._enabled = {True: False, False: False}
         self._memory: GuestMemory | None = None
-        self._addresses: dict[bool, tuple[int, int, int]] = {}
+        self._addresses: dict[bool, tuple[int, int, int, int | None]] = {}
+        self._logging = False  # LOG_ALL set in the kernel
 
     # --- the engine interface ----------------------------------------------------------
 
@@ -134,14 +135,44 @@ class KernelPair:
             return
         self._end()
         self.vhost.set_owner()  # after a reset; a no-op while still owned
-        acked = self._features & self.supported & ~(1 << VHOST_NET_F_VIRTIO_NET_HDR)
-        acked &= ~(1 << VHOST_F_LOG_ALL)  # dirty logging: not yet (see README)
-        if not self.host.has_vnet_hdr:
-            acked |= 1 << VHOST_NET_F_VIRTIO_NET_HDR  # the TAP has none: vhost adds it
-        self.vhost.set_features(acked)
         self._memory = memory
         memory.add_listener(self)
+        self._apply_log()
         self.map_committed()
+
+    def _acked(self) -> int:
+        """The features the kernel is told: the ring's, and LOG_ALL while logging."""
+        acked = self._features & self.supported & ~(1 << VHOST_NET_F_VIRTIO_NET_HDR)
+        acked &= ~(1 << VHOST_F_LOG_ALL)
+        if self._logging:
+            acked |= 1 << VHOST_F_LOG_ALL
+        if not self.host.has_vnet_hdr:
+            acked |= 1 << VHOST_NET_F_VIRTIO_NET_HDR  # the TAP has none: vhost adds it
+        return acked
+
+    def _apply_log(self) -> None:
+        """Tell the kernel about the memory's dirty log, in the order it checks
+        them: the log's address, then LOG_ALL, then the used rings' log addresses
+        (as QEMU's vhost_dev_set_log does)."""
+        dirty = self._memory.log if self._memory is not None else None
+        v = self.vhost
+        if dirty is not None:
+            v.set_log_base(dirty.host_address)
+            v.set_log_fd(dirty.notify_fd)
+        self._logging = dirty is not None
+        v.set_features(self._acked())
+        self._addresses.clear()  # the log flag is part of each ring's address
+        for rx in list(self._configs):
+            self._set_addresses(rx)
+        if dirty is None:
+            v.set_log_fd(None)
+
+    def log_changed(self) -> None:
+        """GuestMemory's dirty log came or went (a live migration began or ended)."""
+        if self._memory is not None:
+            self._apply_log()
+            log.info("pair %d: kernel dirty logging %s", self.pair,
+                     "on" if self._logging else "off")  # fmt: skip
 
     def _end(self) -> None:
         if self._memory is not None:
@@ -178,9 +209,12 @@ class KernelPair:
             memory.host_address(c.used, used_ring_size(c.size)),
             memory.host_address(c.avail, avail_ring_size(c.size)),
         )
-        if self._addresses.get(rx) != addresses:
-            self.vhost.set_vring_addr(RX if rx else TX, *addresses)
-            self._addresses[rx] = addresses
+        log_used = None
+        if self._logging:
+            log_used = c.used if c.log_used is None else c.log_used
+        if self._addresses.get(rx) != (*addresses, log_used):
+            self.vhost.set_vring_addr(RX if rx else TX, *addresses, log=log_used)
+            self._addresses[rx] = (*addresses, log_used)
 
     def _set_fds(self, index: int, c: RingConfig) -> None:
         self.vhost.set_vring_kick(index, c.kick_fd)
