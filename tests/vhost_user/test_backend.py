@@ -431,3 +431,24 @@ def test_the_same_description_from_another_file_is_still_an_overlap(session, ram
     other = memfd(ram.size)
     assert session.send(R.ADD_MEM_REG, SingleRegion(desc), [other], need_reply=True) == U64(1)
     os.close(other)
+
+
+@pytest.mark.parametrize("kind", ["eventfd", "pipe", "datagram-socket"])
+def test_a_backend_req_fd_that_is_no_stream_socket_is_refused_and_nothing_stays_open(session, kind):
+    import socket
+
+    session.negotiate(protocol=ALL)
+    if kind == "eventfd":
+        fd = os.eventfd(0)
+    elif kind == "pipe":
+        fd, w = os.pipe()
+        os.close(w)
+    else:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.close()
+        fd = b.detach()
+    before = own_fds()
+    session.send(R.SET_BACKEND_REQ_FD, fds=[fd])
+    assert session.backend.errors == 1
+    assert own_fds() == before  # the copy sent, and any probe of it, are closed
+    os.close(fd)

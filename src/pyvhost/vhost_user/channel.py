@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 
 from pyvhost.errors import InvalidRequestError
@@ -131,9 +132,12 @@ class BackendChannel:
 def channel_from(fd: int, loop: EventLoop, need_reply: bool) -> BackendChannel:
     """Check the fd is a stream socket before taking it (closed if not)."""
     try:
-        kind = socket.socket(fileno=os.dup(fd))
-        is_stream = kind.type == socket.SOCK_STREAM and kind.family == socket.AF_UNIX
-        kind.close()
+        # socket(fileno=) raises for a non-socket and leaves the fd open: look first.
+        is_stream = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        if is_stream:
+            probe = socket.socket(fileno=os.dup(fd))
+            is_stream = probe.type == socket.SOCK_STREAM and probe.family == socket.AF_UNIX
+            probe.close()
     except OSError:
         is_stream = False
     if not is_stream:
