@@ -39,14 +39,19 @@ class PyvhostProcess:
         wait: bool = True,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
+        stderr_path: str | None = None,
     ):
-        """`env`: variables added to this process's environment for the child."""
+        """`env`: variables added to this process's environment for the child.
+        `stderr_path`: its log goes to this file, not a pipe (a pipe nobody reads
+        until the end blocks a daemon that logs much, e.g. under fuzzing)."""
         self.args = args
         self.socket_path = socket_path
+        self.stderr_path = stderr_path
+        self._stderr_file = open(stderr_path, "w") if stderr_path else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyvhost", *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr_file or subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
             env={**os.environ, **env} if env else None,
@@ -87,7 +92,14 @@ class PyvhostProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             out, err = self.proc.communicate()
-        return self.proc.returncode, out, err
+        return self.proc.returncode, out, self._file_log(err)
+
+    def _file_log(self, err: str | None) -> str:
+        if self._stderr_file is None:
+            return err
+        self._stderr_file.close()
+        with open(self.stderr_path, errors="replace") as f:
+            return f.read()
 
     def wait(self, timeout: float = 10.0) -> tuple[int, str, str]:
         """Wait for the process to exit on its own; (exit status, stdout, stderr)."""
@@ -96,7 +108,7 @@ class PyvhostProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
-        return self.proc.returncode, out, err
+        return self.proc.returncode, out, self._file_log(err)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

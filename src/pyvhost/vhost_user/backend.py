@@ -72,6 +72,9 @@ from pyvhost.virtq.layout import (
 
 log = logging.getLogger(__name__)
 
+_REFUSALS_LOGGED = 20  # per session, then sampled
+_REFUSALS_SAMPLED = 1000
+
 # What pyvhost offers of the protocol extensions.
 OFFERED_PROTOCOL_FEATURES = mask(
     PF.MQ,
@@ -162,7 +165,14 @@ class Backend:
             _close_all(frame.fds)
             frame.fds.clear()
             self.errors += 1
-            log.error("refused %s: %s", request_name(frame.header.request), e)
+            if self.errors <= _REFUSALS_LOGGED or self.errors % _REFUSALS_SAMPLED == 0:
+                # A hostile peer must not be able to flood the log: past the first
+                # few, one refusal in so many is logged, with the count.
+                more = ""
+                if self.errors >= _REFUSALS_LOGGED:
+                    more = (f" ({self.errors} refused in this session; from here 1 in "
+                            f"{_REFUSALS_SAMPLED} is logged)")  # fmt: skip
+                log.error("refused %s: %s%s", request_name(frame.header.request), e, more)
             return self._failure_reply(frame, spec)
         _close_all(msg.fds)  # whatever the handler did not take
         if spec.reply is not None:
