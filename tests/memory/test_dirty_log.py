@@ -122,3 +122,24 @@ def test_signal_tells_the_notify_eventfd(shared):
     assert os.eventfd_read(reader) == 2
     log.close()
     os.close(reader)
+
+
+@pytest.mark.parametrize("size", [1 << 62, (1 << 64) - 8])
+def test_a_log_too_large_to_map_is_refused_not_raised_past_the_error_hierarchy(size):
+    fd = memfd(64, "dirty-log")
+    with pytest.raises(InvalidRegionError):
+        DirtyLog(fd, size)
+    assert fd not in open_fds()
+
+
+def test_a_log_fd_that_is_no_file_is_refused():
+    fd = os.eventfd(0)
+    with pytest.raises(InvalidRegionError, match="no memfd or file"):
+        DirtyLog(fd, 64)
+    assert fd not in open_fds()
+
+
+def test_an_empty_file_is_too_small_for_any_log():
+    fd = memfd(0, "dirty-log")  # mapping it would fault on the first mark
+    with pytest.raises(InvalidRegionError, match="file has 0x0"):
+        DirtyLog(fd, 64)

@@ -194,3 +194,27 @@ def test_the_driver_can_rewrite_a_descriptor_under_the_device_without_harm(ram, 
     chain = device.pop()
     driver.write_desc(chain.head, 1 << 40, 1 << 20, WRITE, 0)
     assert len(chain.writable[0]) == 8
+
+
+@pytest.mark.parametrize("second", ["loops", "unmapped"])
+def test_a_broken_queue_holds_no_view_of_guest_memory(ram, buf, second):
+    """Its error is kept for the message only: once the queue and the memory
+    are released, the mapping goes at once, with no help from the cycle
+    collector (a held view would keep the front-end's RAM mapped, and its fd)."""
+    import gc
+
+    from pyvhost.testing.memfd import mappings_named
+
+    memory = ram.map_again()
+    driver, device = queue_pair(ram, 8, device_memory=memory)
+    bad = (buf, 8, NEXT, 0) if second == "loops" else (1 << 40, 8, 0, 0)
+    post_raw(driver, [(buf, 8, NEXT, 1), bad])  # a readable view is gathered first
+    gc.disable()
+    try:
+        assert device.pop() is None and device.broken is not None
+        before = len(mappings_named("pyvhost-guest-ram"))
+        device.close()
+        memory.clear()
+        assert len(mappings_named("pyvhost-guest-ram")) == before - 1
+    finally:
+        gc.enable()

@@ -17,6 +17,7 @@ import ctypes
 import logging
 import mmap
 import os
+import stat
 
 from pyvhost.errors import GuestMemoryError, InvalidRegionError
 from pyvhost.memory.region import buffer_address
@@ -64,8 +65,14 @@ class DirtyLog:
                     f"dirty log of {size} bytes at offset {offset}: both must be positive "
                     "multiples of 8 (the log is 64-bit words)"
                 )
-            st = os.fstat(fd)
-            if st.st_size and st.st_size < offset + size:
+            try:
+                st = os.fstat(fd)
+            except OSError as e:
+                raise InvalidRegionError(f"dirty log fd is not usable: {e.strerror}") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidRegionError("the dirty log's fd is no memfd or file")
+            # Past the file's end a mapping faults (SIGBUS) instead of failing here.
+            if st.st_size < offset + size:
                 raise InvalidRegionError(
                     f"dirty log needs file bytes up to 0x{offset + size:x}; the file has "
                     f"0x{st.st_size:x}"
@@ -75,7 +82,7 @@ class DirtyLog:
             try:
                 self._mm = mmap.mmap(fd, size + offset - aligned, mmap.MAP_SHARED,
                                      offset=aligned)  # fmt: skip
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, OverflowError) as e:
                 raise InvalidRegionError(f"cannot map the dirty log: {e}") from e
         finally:
             if fd >= 0:

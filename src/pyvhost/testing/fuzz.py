@@ -51,6 +51,7 @@ class HostileFrontend:
         self.ram_fd = memfd(RAM_SIZE, RAM_NAME)
         self.ram = mmap.mmap(self.ram_fd, RAM_SIZE)
         self.kicks: list[int] = []  # our copies of eventfds sent as kick fds
+        self.rings: list[tuple[int, int, int, int]] = []  # (size, desc, avail, base) set up
         self.sock: socket.socket | None = None
         self.messages = 0
         self.hangups = 0  # times the back-end closed the connection on us
@@ -118,9 +119,11 @@ class HostileFrontend:
         base = rng.randrange(0, RAM_SIZE - (64 << 10), 64 << 10)
         desc, avail = base, base + 16 * size
         used = (avail + 6 + 2 * size + 3) & ~3
+        next_avail = rng.choice((0, 0, rng.getrandbits(16)))
+        self.rings.append((size, desc, avail, next_avail))
         for data, fds in (
             (encode(R.SET_VRING_NUM, VringState(index, size)), []),
-            (encode(R.SET_VRING_BASE, VringState(index, rng.choice((0, rng.getrandbits(16))))), []),
+            (encode(R.SET_VRING_BASE, VringState(index, next_avail)), []),
             (
                 encode(
                     R.SET_VRING_ADDR,
@@ -150,6 +153,8 @@ class HostileFrontend:
         for fd in self.kicks:
             os.close(fd)
         self.kicks.clear()
+        if hasattr(self, "rings"):
+            self.rings.clear()
 
     def _send(self, data: bytes, fds: list[int]) -> None:
         try:
@@ -383,11 +388,26 @@ class HostileFrontend:
         return rng.randbytes(rng.randint(1, 512)), self._fds(0)
 
     def _poke_rings(self) -> None:
-        """Random bytes over the RAM where rings were described, then kick them all."""
+        """Random bytes over the RAM where rings were described, then kick them all.
+        Half the time a ring gets a believable avail index over random descriptors
+        and heads, so the device walks hostile chains instead of refusing the index."""
         rng = self.rng
-        for _ in range(rng.randint(1, 16)):
-            off = rng.randrange(0, RAM_SIZE - 4096)
-            self.ram[off : off + 4096] = rng.randbytes(4096)
+        if self.rings and rng.random() < 0.5:
+            size, desc, avail, base = rng.choice(self.rings)
+            for i in range(size):  # descriptors: in memory or not, chained, looped, indirect
+                addr = rng.randrange(RAM_SIZE) if rng.random() < 0.7 else rng.getrandbits(64)
+                length = rng.choice((0, 1, 12, 64, 1500, 4096, 65536, rng.getrandbits(32)))
+                flags = rng.getrandbits(3) if rng.random() < 0.9 else rng.getrandbits(16)
+                nxt = rng.randrange(size) if rng.random() < 0.9 else rng.getrandbits(16)
+                struct.pack_into("<QIHH", self.ram, desc + 16 * i, addr, length, flags, nxt)
+            for i in range(size):
+                head = rng.randrange(size) if rng.random() < 0.95 else rng.getrandbits(16)
+                struct.pack_into("<H", self.ram, avail + 4 + 2 * i, head)
+            struct.pack_into("<H", self.ram, avail + 2, (base + rng.randint(1, size)) & 0xFFFF)
+        else:
+            for _ in range(rng.randint(1, 16)):
+                off = rng.randrange(0, RAM_SIZE - 4096)
+                self.ram[off : off + 4096] = rng.randbytes(4096)
         for fd in self.kicks:
             with contextlib.suppress(OSError):
                 os.write(fd, (1).to_bytes(8, "little"))

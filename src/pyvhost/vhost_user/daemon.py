@@ -13,6 +13,7 @@ a control message is handled in one short step between datapath events.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import socket
@@ -162,6 +163,10 @@ class Daemon:
             log.exception("releasing the session failed part-way")
         finally:
             conn.close()
+            # Anything of the session's still in a reference cycle (an exception's
+            # frames holding views of guest memory) goes now, not whenever the
+            # cycle collector next runs: its mappings and fds are released with it.
+            gc.collect()
             if self.listener is not None and not self.unplugged:
                 self.loop.add_reader(self.listener.fileno(), self._on_accept)
 

@@ -518,6 +518,10 @@ class SplitQueue:
     def _break(self, error: QueueError) -> None:
         if self.broken is not None:
             return  # the first error is the one reported
+        # Kept for its message only: its traceback's frames hold views of guest
+        # memory, and a queue that points at them (a cycle) would keep the
+        # mapping, and its fd, until Python's cycle collector happened to run.
+        error.__traceback__ = error.__context__ = error.__cause__ = None
         self.broken = error
         log.error("%s: queue broken: %s", self.name, error)
         if self.on_broken is not None:
