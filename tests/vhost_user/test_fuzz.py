@@ -142,8 +142,8 @@ def test_soak(served, capsys):
     with capsys.disabled():
         print(f"\nsoak ({served.sock.rsplit('/', 1)[-1]}, seed {seed}): {sent:,} messages in "
               f"{seconds:.0f} s ({sent / seconds:,.0f}/s), {sessions:,} sessions, {hangups:,} "
-              f"hung up by pyvhost; daemon RSS {rss0:,} -> {_rss_kib(served.proc.pid):,} KiB; "
-              f"fds and mappings back to baseline")  # fmt: skip
+              f"reconnects after a send or receive failed; daemon RSS {rss0:,} -> "
+              f"{_rss_kib(served.proc.pid):,} KiB; fds and mappings back to baseline")  # fmt: skip
 
 
 def _target(pid: int, fd: int) -> str:

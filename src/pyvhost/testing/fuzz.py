@@ -54,7 +54,7 @@ class HostileFrontend:
         self.rings: list[tuple[int, int, int, int]] = []  # (size, desc, avail, base) set up
         self.sock: socket.socket | None = None
         self.messages = 0
-        self.hangups = 0  # times the back-end closed the connection on us
+        self.hangups = 0  # reconnects after a send or receive failed (the peer was gone)
         self.replies = 0
         self.trace: list[str] = []  # what was sent, for a failure's report
         self.connect()

@@ -57,6 +57,8 @@ class Daemon:
         # kept away (as if pyvhost were gone) until the link is up again.
         self.unplugged = False
         self._next_connect = 0.0
+        self._last_collect_ns = 0
+        self._collect_timer = None
         device.on_link_change = self._on_link_change
         # Everything this daemon registers (and what its sessions register)
         # is its own: a datapath error ends its session, not another's.
@@ -163,10 +165,7 @@ class Daemon:
             log.exception("releasing the session failed part-way")
         finally:
             conn.close()
-            # Anything of the session's still in a reference cycle (an exception's
-            # frames holding views of guest memory) goes now, not whenever the
-            # cycle collector next runs: its mappings and fds are released with it.
-            gc.collect()
+            self._collect_soon()
             if self.listener is not None and not self.unplugged:
                 self.loop.add_reader(self.listener.fileno(), self._on_accept)
 
@@ -232,10 +231,33 @@ class Daemon:
             with self.loop.owned_by(self):
                 self._try_connect()
 
+    def _collect_soon(self) -> None:
+        """Anything of an ended session still in a reference cycle (an exception's
+        frames holding views of guest memory) is collected within a second, not
+        whenever CPython's collector next runs, so its mappings and fds go with
+        it. At most once a second: a peer that reconnects in a loop cannot make
+        the daemon collect in a loop."""
+        if self._collect_timer is not None:
+            return
+        due = self._last_collect_ns + 1_000_000_000
+        if time.monotonic_ns() >= due:
+            self._collect()
+        else:
+            with self.loop.owned_by(self):
+                self._collect_timer = self.loop.call_at(due, self._collect)
+
+    def _collect(self) -> None:
+        self._collect_timer = None
+        self._last_collect_ns = time.monotonic_ns()
+        gc.collect()
+
     def close(self) -> None:
         """End the session, stop listening, remove the socket file."""
         with self.loop.owned_by(self):
             self._end_session()
+        if self._collect_timer is not None:
+            self._collect_timer.cancel()
+            self._collect_timer = None
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
