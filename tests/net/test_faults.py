@@ -129,7 +129,7 @@ def test_a_frontend_killed_mid_batch_leaves_nothing_and_every_frame_is_counted(n
     with NetFrontend.connect(d.sock) as fe:  # warm up: the daemon's own fds settle
         fe.post_rx()
     wait_for(lambda: not d.proc.maps("pyvhost-frontend-ram"), 10, "the warm-up to end")
-    baseline = d.proc.fds()
+    baseline = d.proc.settled_fds()
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     child = ctx.Process(target=_stream_until_killed, args=(d.sock, ready))

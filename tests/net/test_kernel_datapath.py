@@ -263,7 +263,7 @@ def test_a_frontend_that_leaves_leaves_nothing_and_the_next_is_served(net_daemon
         fe.send(numbered(1)[0])
         recv_ours(host, 1)
     wait_for(lambda: not d.proc.maps("pyvhost-frontend-ram"), 10, "the session to end")
-    baseline = d.proc.fds()
+    baseline = d.proc.settled_fds()
     for _ in range(3):
         fe = NetFrontend.connect(d.sock)
         fe.post_rx()
@@ -275,8 +275,19 @@ def test_a_frontend_that_leaves_leaves_nothing_and_the_next_is_served(net_daemon
         assert bases[spec.tx_queue(0)] == 10
         fe.close()
         wait_for(lambda: not d.proc.maps("pyvhost-frontend-ram"), 10, "the memory to go")
-        wait_for(lambda: d.proc.fds() == baseline, 10, "the session's fds to close")
+        try:
+            wait_for(lambda: d.proc.fds() == baseline, 10, "the session's fds to close")
+        except TimeoutError:
+            left = {fd: _target(d.proc.pid, fd) for fd in d.proc.fds() ^ baseline}
+            raise AssertionError(f"fds differing from the idle daemon's: {left}") from None
     host.close()
+
+
+def _target(pid: int, fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return "(closed)"
 
 
 def test_the_memory_slot_limit_is_the_kernels(net_daemon):

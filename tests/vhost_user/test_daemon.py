@@ -254,7 +254,7 @@ def test_a_frontend_that_hangs_up_right_after_setup_leaks_no_fd(daemon, sock_pat
     with NetFrontend.connect(sock_path) as fe:  # warm up: the daemon's own fds settle
         fe.post_rx()
     wait_for(lambda: not daemon.maps("pyvhost-frontend-ram"), 5, "the first session to end")
-    baseline = daemon.fds()
+    baseline = daemon.settled_fds()
     for _ in range(50):
         setup_and_hang_up(sock_path)
     wait_for(lambda: daemon.fds() == baseline, 5, "the daemon's fds to return to baseline")

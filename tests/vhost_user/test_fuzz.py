@@ -49,7 +49,7 @@ class Served:
         with NetFrontend.connect(self.sock) as fe:  # warm up: the daemon's own fds settle
             fe.post_rx()
         wait_for(lambda: not self.proc.maps("memfd:"), 10, "the warm-up session to end")
-        self.baseline = self.proc.fds()
+        self.baseline = self.proc.settled_fds()
 
     def check_clean(self) -> None:
         """Alive, answering a new front-end, and holding nothing of the old ones."""

@@ -79,6 +79,18 @@ class PyvhostProcess:
     def fds(self) -> set[int]:
         return {int(x) for x in os.listdir(f"/proc/{self.pid}/fd")}
 
+    def settled_fds(self, timeout: float = 10.0) -> set[int]:
+        """The fds once they stop changing (a leak check's baseline: a session
+        that just ended may still be closing its socket after its memory went)."""
+        deadline = time.monotonic() + timeout
+        last = self.fds()
+        while True:
+            time.sleep(0.3)
+            now = self.fds()
+            if now == last or time.monotonic() > deadline:
+                return now
+            last = now
+
     def maps(self, name: str) -> list[str]:
         with open(f"/proc/{self.pid}/maps") as f:
             return [line for line in f if name in line]
