@@ -140,3 +140,18 @@ def test_ranges_recorded_in_an_earlier_logging_period_are_not_reused(ram, logged
     dirty = set(log.dirty_pages())
     assert pages(second, 16) <= dirty
     assert not pages(first, 1) & dirty
+
+
+def test_a_chain_given_back_unused_is_logged_whole(ram, logged):
+    """RX reads the TAP straight into a chain and gives it back when the frame
+    does not fit: the bytes were written, so they are logged, though unused."""
+    driver, device, memory, log = logged
+    memory.set_log(log)
+    buf = ram.alloc(2 * LOG_PAGE, align=LOG_PAGE)
+    driver.add(writable=[(buf, 2 * LOG_PAGE)])
+    driver.kick()
+    chain = device.pop()
+    chain.writable[0][:4] = b"data"
+    device.unpop()
+    assert pages(buf, 2 * LOG_PAGE) <= set(log.dirty_pages())
+    assert device.pop().head == chain.head  # and it is served again, as before

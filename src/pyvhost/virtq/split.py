@@ -244,6 +244,14 @@ class SplitQueue:
         other side) and must not hold it across a GET_VRING_BASE.
         """
         self._next_avail = (self._next_avail - 1) & 0xFFFF
+        dirty = self._memory.log
+        if dirty is not None and self._avail is not None:
+            # The device may have written into it already (RX reads the TAP
+            # straight into the buffers): while logging, that write is logged
+            # too, whole, though the guest never sees it.
+            head = self._avail[_ENTRIES + (self._next_avail & self._mask)]
+            for addr, length in self._writable_ranges.pop(head, ()):
+                dirty.mark(addr, length)
 
     def pop_batch(self, limit: int) -> list[DescriptorChain]:
         """Up to `limit` available chains."""
