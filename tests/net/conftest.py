@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -29,6 +30,16 @@ def recv_ours(sock, n: int = 1) -> list[bytes]:
         if ours(data):
             out.append(data)
     return out
+
+
+def receive_ours(fe, n: int, pair: int = 0, timeout: float = 5.0, **kw) -> list[bytes]:
+    """Up to `n` frames of ours received by the Python front-end on `pair`."""
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        for f in fe.receive(pair, timeout=0.2, count=n - len(got), **kw):
+            if ours(f[fe.hdr_size :] if kw.get("with_header") else f):
+                got.append(f)
+    return got
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pyvhost.stats import fetch
 from pyvhost.testing.frames import gso_header, tcp4_frame
 from pyvhost.testing.processes import wait_for
 
-from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
+from .conftest import GUEST_MAC, HOST_MAC, frame, receive_ours, recv_ours
 
 GSO_PAYLOAD = 64000
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (we are root)
@@ -29,15 +29,6 @@ def host_frames(n: int, size: int = 100) -> list[bytes]:
 
 def guest_frames(n: int, size: int = 100) -> list[bytes]:
     return [frame(HOST_MAC, GUEST_MAC, i.to_bytes(4, "big") + bytes(size)) for i in range(n)]
-
-
-def receive_ours(fe: NetFrontend, n: int, pair: int = 0, timeout: float = 5.0, **kw):
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        for f in fe.receive(pair, timeout=0.2, count=n, **kw):
-            if ours(f[fe.hdr_size :] if kw.get("with_header") else f):
-                got.append(f)
-    return got
 
 
 # --- TX and RX -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pyvhost.stats import fetch
 from pyvhost.testing.frames import gso_header, tcp4_frame
 from pyvhost.testing.processes import PyvhostProcess, wait_for
 
-from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
+from .conftest import GUEST_MAC, HOST_MAC, frame, ours, receive_ours, recv_ours
 
 pytestmark = pytest.mark.skipif(
     not vhost_net_here(),
@@ -42,13 +42,6 @@ def cpu_seconds(pid: int) -> float:
 def numbered(n: int, start: int = 0, out: bool = True) -> list[bytes]:
     dst, src = (HOST_MAC, GUEST_MAC) if out else (GUEST_MAC, HOST_MAC)
     return [frame(dst, src, (start + i).to_bytes(4, "big") + bytes(60)) for i in range(n)]
-
-
-def receive_ours(fe: NetFrontend, n: int, pair: int = 0, timeout: float = 20.0) -> list[bytes]:
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got += [f for f in fe.receive(pair, timeout=0.2, count=n - len(got)) if ours(f)]
-    return got
 
 
 def big_socket(netns, ifname: str, vnet_hdr: bool = False) -> socket.socket:
@@ -76,7 +69,7 @@ def test_frames_cross_both_ways_with_no_python_per_packet(net_daemon, netns):
         for i in range(0, len(back), 200):  # paced: the TAP's queue holds 1000
             for f in back[i : i + 200]:
                 host.send(f)
-            got += receive_ours(fe, 200)
+            got += receive_ours(fe, 200, timeout=20)
         assert got == back
         cpu = cpu_seconds(d.proc.pid) - cpu0
         stats = fetch(d.sock + ".stats")
@@ -365,7 +358,7 @@ def test_the_kernel_logs_its_writes_while_a_migration_runs(net_daemon, netns):
         back = numbered(20, out=False)
         for f in back:
             host.send(f)
-        assert receive_ours(fe, 20) == back
+        assert receive_ours(fe, 20, timeout=20) == back
         dirty = fe.dirty_pages()
         assert dirty & rx_buffers and rx_used <= dirty  # the kernel logged its RX writes
         assert dirty <= rx_buffers | rx_used
@@ -378,6 +371,6 @@ def test_the_kernel_logs_its_writes_while_a_migration_runs(net_daemon, netns):
         assert dirty and dirty <= tx_used  # TX writes only its used ring
         fe.stop_logging()
         host.send(back[0])
-        assert receive_ours(fe, 1) == back[:1]
+        assert receive_ours(fe, 1, timeout=20) == back[:1]
         assert fe.dirty_pages() == set()
     host.close()

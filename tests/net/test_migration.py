@@ -11,7 +11,7 @@ from pyvhost.memory import LOG_PAGE
 from pyvhost.vhost_user.protocol import VHOST_F_LOG_ALL
 from pyvhost.virtq.layout import used_ring_size
 
-from .conftest import GUEST_MAC, HOST_MAC, frame, ours, recv_ours
+from .conftest import GUEST_MAC, HOST_MAC, frame, receive_ours, recv_ours
 
 RX0, TX0 = 0, 1
 
@@ -31,13 +31,6 @@ def buffer_pages(fe: NetFrontend, index: int) -> set[int]:
     return set().union(*(pages(s, ring.slot_size) for s in slots))
 
 
-def receive(fe: NetFrontend, n: int, timeout: float = 10.0) -> list[bytes]:
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        got += [f for f in fe.receive(0, timeout=0.2) if ours(f)]
-    return got
-
-
 def test_received_frames_dirty_only_rx_buffers_and_the_rx_used_ring(net_daemon, netns):
     d = net_daemon()
     host = netns.packet_socket(d.ifname)
@@ -49,7 +42,7 @@ def test_received_frames_dirty_only_rx_buffers_and_the_rx_used_ring(net_daemon, 
         sent = [frame(GUEST_MAC, HOST_MAC, bytes([i]) * 1000) for i in range(20)]
         for f in sent:
             host.send(f)
-        assert receive(fe, 20) == sent
+        assert receive_ours(fe, 20, timeout=10) == sent
         dirty = fe.dirty_pages()
         rx_used = used_ring_pages(fe, RX0)
     assert dirty & rx_buffers, "no received buffer was logged"
@@ -88,7 +81,7 @@ def test_once_log_all_is_dropped_nothing_more_is_logged(net_daemon, netns):
         fe.stop_logging()  # the migration was cancelled
         fe.dirty_pages()
         host.send(frame(GUEST_MAC, HOST_MAC, b"after"))
-        assert len(receive(fe, 1)) == 1
+        assert len(receive_ours(fe, 1, timeout=10)) == 1
         assert fe.dirty_pages() == set()
     host.close()
 
