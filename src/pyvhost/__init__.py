@@ -6,4 +6,4 @@ Layers, each a subpackage, each depending only on the ones above it here:
     virtq     the split virtqueue: device side, and the driver side for tests
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,9 +1,10 @@
 """pyvhost's command line.
 
-pyvhost net --socket PATH [--client] [--mac MAC] [--mtu N] --netdev tap,OPTIONS
-            [--user USER] [--group GROUP]
+pyvhost net (--socket-path PATH [--client] | --fd FDNUM) --netdev tap,OPTIONS
+            [--mac MAC] [--mtu N] [--user USER] [--group GROUP]
 pyvhost stats --socket PATH [--json]
-pyvhost loopback --socket PATH [--client] [--queue-pairs N]
+pyvhost loopback --socket-path PATH [--client] [--queue-pairs N]
+pyvhost-net ...  is `pyvhost net ...`: the back-end program of QEMU's conventions
 """
 
 from __future__ import annotations
@@ -24,14 +25,48 @@ from pyvhost.errors import OptionError, PyvhostError
 log = logging.getLogger("pyvhost")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket path")
+LOG_LEVELS = ("error", "warning", "info", "debug")
+
+
+def _logging_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="log at this level and above (default: warning)"
+    )
+
+
+def _endpoint(p: argparse.ArgumentParser) -> None:
+    """The vhost-user socket, as QEMU's back-end program conventions name it."""
+    g = p.add_argument_group("vhost-user socket (one of --socket-path, --fd)")
+    g.add_argument(
+        "--socket-path",
+        "--socket",
+        dest="socket",
+        metavar="PATH",
+        help="listen on PATH for the front-end (QEMU's chardev socket path)",
+    )
+    g.add_argument(
+        "--fd",
+        type=int,
+        metavar="FDNUM",
+        help="an inherited Unix socket: a listening one (socket activation; LISTEN_FDS "
+        "is read too) or one connected to a front-end",
+    )
+    g.add_argument(
         "--client",
         action="store_true",
-        help="connect to a front-end listening on PATH (default: listen on PATH)",
+        help="connect to a front-end listening on PATH instead (QEMU's server=on)",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print this back-end's capabilities as JSON (QEMU's vhost-user.json) and exit",
+    )
+    _logging_options(p)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 # Measured with bench/run.py on a TCG guest (BENCHMARKS.md, "tuning").
@@ -41,17 +76,259 @@ DEFAULT_RX_USECS = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyvhost", description="vhost-user virtio-net back-end")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from pyvhost import __version__
 
-    net = sub.add_parser("net", help="serve a virtio-net device bridged to a TAP")
-    _common(net)
+    parser = argparse.ArgumentParser(
+        prog="pyvhost",
+        description="A vhost-user virtio-net back-end in Python: serves a VM's NIC (QEMU, "
+        "libvirt, DPDK virtio_user) and bridges it to a Linux TAP, or switches VMs.",
+        epilog=_examples(
+            "pyvhost net --socket-path /run/vm1.sock --netdev tap,ifname=vm1",
+            "pyvhost qemu-args --socket /run/vm1.sock   # what to give QEMU",
+            "pyvhost demo                               # a guest, ping and iperf3",
+            "pyvhost COMMAND --help                     # each command's options",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pyvhost {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, help: str, *examples: str, description: str = ""
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description or help[0].upper() + help[1:] + ".",
+            epilog=_examples(*examples) if examples else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    net = command(
+        "net",
+        "serve a virtio-net device bridged to a TAP",
+        "pyvhost net --socket-path /run/vm1.sock --netdev tap,ifname=vm1",
+        "pyvhost net --socket-path /run/vm1.sock --netdev tap,ifname=vm1,queues=2,vhost=on",
+        "pyvhost net --fd 3 --netdev tap,ifname=vm1   # socket-activated (systemd)",
+        "pyvhost net --print-capabilities",
+    )
+    add_net_options(net)
+
+    st = command(
+        "stats",
+        "print a running pyvhost net's or switch's counters (per queue, per port)",
+        "pyvhost stats --socket /run/vm1.sock",
+        "pyvhost stats --control /run/sw.ctl --json",
+    )
+    st.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket-path")
+    st.add_argument(
+        "--stats-socket",
+        "--control",
+        metavar="PATH",
+        help="or its control socket (a switch's --control)",
+    )
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    sw = command(
+        "switch",
+        "switch VMs (vhost-user ports) to each other and to TAPs, with Python hooks",
+        "pyvhost switch --port vm1=/run/vm1.sock --port vm2=/run/vm2.sock "
+        "--uplink up=tap,ifname=sw0",
+        "pyvhost switch --config switch.toml",
+        description="An L2 learning switch: MAC table with ageing, 802.1Q access and "
+        "trunk ports, per-port MTU, Python hooks per port. Ports come from the options "
+        "below or from a TOML file (--config); both may be given.",
+    )
+    sw.add_argument("--config", metavar="FILE.toml", help="ports, uplinks and their settings")
+    sw.add_argument(
+        "--port",
+        action="append",
+        metavar="NAME=SOCKET[,client]",
+        help="a VM port on a vhost-user socket (client: connect to a listening QEMU)",
+    )
+    sw.add_argument(
+        "--uplink", action="append", metavar="NAME=tap,OPTIONS", help="a TAP, --netdev grammar"
+    )
+    sw.add_argument("--vlan", action="append", metavar="PORT=VID", help="an access port's VLAN")
+    sw.add_argument(
+        "--trunk",
+        action="append",
+        metavar="PORT=VID:VID...[,native=VID]",
+        help="a trunk port's tagged VLANs (and its untagged one)",
+    )
+    sw.add_argument("--mtu", action="append", metavar="PORT=N", help="a port's MTU (1500)")
+    sw.add_argument("--mac", action="append", metavar="PORT=MAC", help="a VM port's MAC")
+    sw.add_argument(
+        "--lock", action="append", metavar="PORT", help="only the port's --mac may send from it"
+    )
+    sw.add_argument("--hook", action="append", metavar="PORT=module:function", help="a Python hook")
+    sw.add_argument(
+        "--control", metavar="PATH", help="control socket (default: first SOCKET.stats)"
+    )
+    _logging_options(sw)
+
+    hk = command(
+        "hook",
+        "add, replace, remove or list the hooks of a running switch's port, or of a "
+        "pyvhost net's queue pair (ports pair0, pair1, ...)",
+        "pyvhost hook --socket /run/vm1.sock pair0 add examples.acl:hook",
+        "pyvhost hook --control /run/sw.ctl vm1 list",
+    )
+    hk.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket-path")
+    hk.add_argument("--control", metavar="PATH", help="or a control socket (a switch's)")
+    hk.add_argument("port")
+    hk.add_argument("action", choices=("add", "remove", "set", "list"))
+    hk.add_argument("specs", nargs="*", metavar="module:function")
+
+    cap = command(
+        "capture",
+        "live traffic as pcapng (tcpdump -r and Wireshark read it)",
+        "pyvhost capture --socket /run/vm1.sock -c 10 -w vm1.pcapng",
+        "pyvhost capture --control /run/sw.ctl --port vm1 | tcpdump -r -",
+        description="Capture a running pyvhost switch's or pyvhost net's traffic.",
+    )
+    cap.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket-path")
+    cap.add_argument("--control", metavar="PATH", help="or a control socket (a switch's)")
+    cap.add_argument("--port", action="append", metavar="NAME", help="only these ports")
+    cap.add_argument("-w", dest="out", default="-", metavar="FILE", help="FILE, or - (stdout)")
+    cap.add_argument("-c", "--count", type=int, metavar="N", help="stop after N frames")
+    cap.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+
+    dp = command(
+        "datapath",
+        "move a running pyvhost net's queue pairs between the kernel (vhost-net) and "
+        "Python datapaths, losslessly",
+        "pyvhost datapath --socket /run/vm1.sock python",
+        "pyvhost datapath --socket /run/vm1.sock --pair 0 kernel",
+    )
+    dp.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket-path")
+    dp.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
+    dp.add_argument("--pair", type=int, metavar="N", help="only this queue pair (default: all)")
+    dp.add_argument("to", choices=("kernel", "python"))
+
+    demo = command(
+        "demo",
+        "boot a Linux guest on pyvhost; ping and iperf3 both ways (needs root)",
+        "pyvhost demo",
+        "pyvhost demo --queues 2 --seconds 3",
+        "pyvhost demo --vms 3          # three guests on one pyvhost switch",
+    )
+    demo.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="default: tcg")
+    demo.add_argument(
+        "--msix",
+        action=argparse.BooleanOptionalAction,
+        help="force MSI-X on or off (default: on where this QEMU handles it under TCG; "
+        "Debian 12's QEMU 7.2 crashes with it)",
+    )
+    demo.add_argument("--seconds", type=int, default=5, help="iperf3 duration each way")
+    demo.add_argument("--queues", type=int, default=1, help="queue pairs")
+    demo.add_argument(
+        "--vms", type=int, default=1, help="N guests on one pyvhost switch (default 1: pyvhost net)"
+    )
+    _logging_options(demo)
+
+    qa = command(
+        "qemu-args",
+        "print QEMU's arguments for a NIC on pyvhost",
+        "pyvhost qemu-args --socket /run/vm1.sock --queues 2",
+    )
+    qa.add_argument("--socket", required=True, metavar="PATH")
+    qa.add_argument("--queues", type=int, default=1, metavar="N")
+    qa.add_argument("--mem", default="1G", metavar="SIZE", help="guest RAM (shared memfd)")
+    qa.add_argument("--mac", default="52:54:00:12:34:56")
+    _msix_option(qa)
+
+    lx = command(
+        "libvirt-xml",
+        "print libvirt's domain XML for a NIC on pyvhost (interface and memoryBacking)",
+        "pyvhost libvirt-xml --socket /run/pyvhost/vm1.sock",
+        "pyvhost libvirt-xml --socket /tmp/vm1.sock --client   # pyvhost net --client",
+        "pyvhost libvirt-xml --socket /tmp/vm1.sock --domain vm1 --kernel vmlinuz "
+        "--initrd initrd.gz",
+        description="Print the <interface type='vhostuser'> and <memoryBacking> elements "
+        "a libvirt domain needs for a NIC on pyvhost, or with --domain a whole minimal "
+        "domain (direct kernel boot) around them.",
+    )
+    lx.add_argument("--socket", required=True, metavar="PATH", help="pyvhost net's socket")
+    lx.add_argument(
+        "--client",
+        action="store_true",
+        help="pyvhost net runs with --client (QEMU listens: mode='server')",
+    )
+    lx.add_argument("--queues", type=int, default=1, metavar="N")
+    lx.add_argument("--mac", default="52:54:00:12:34:56")
+    lx.add_argument(
+        "--reconnect",
+        type=int,
+        default=1,
+        metavar="S",
+        help="QEMU reconnects to a restarted pyvhost after S seconds (default 1)",
+    )
+    _msix_option(lx)
+    lx.add_argument("--domain", metavar="NAME", help="print a whole domain of this name")
+    lx.add_argument("--memory", type=int, default=512, metavar="MiB", help="with --domain")
+    lx.add_argument("--kernel", metavar="PATH", help="with --domain: boot this kernel")
+    lx.add_argument("--initrd", metavar="PATH", help="with --domain")
+    lx.add_argument("--cmdline", default="console=ttyS0", help="with --domain")
+    lx.add_argument(
+        "--console", metavar="PATH", help="with --domain: the serial console on this socket"
+    )
+
+    vj = command(
+        "vhost-user-json",
+        "print or install the vhost-user.json file that tells QEMU and libvirt about pyvhost-net",
+        "pyvhost vhost-user-json",
+        "pyvhost vhost-user-json --install /etc/qemu/vhost-user",
+    )
+    vj.add_argument(
+        "--install",
+        metavar="DIR",
+        help="write DIR/50-pyvhost-net.json (system: /etc/qemu/vhost-user; per user: "
+        "~/.config/qemu/vhost-user)",
+    )
+
+    su = command(
+        "systemd-units",
+        "print or install the systemd units that run pyvhost-net per VM NIC, socket-activated",
+        "pyvhost systemd-units",
+        "pyvhost systemd-units --install /etc/systemd/system",
+    )
+    su.add_argument(
+        "--install",
+        metavar="DIR",
+        help="write pyvhost-net@.service, pyvhost-net@.socket and an example drop-in to DIR",
+    )
+
+    gb = command("guest", "the demo's guest image", "pyvhost guest build")
+    gb.add_argument("action", choices=("build",), help="build (once) and print the paths")
+    _logging_options(gb)
+
+    lo = command(
+        "loopback",
+        "serve a virtio-net device whose cable is looped back (no host networking)",
+        "pyvhost loopback --socket-path /tmp/vhost.sock --queue-pairs 2",
+    )
+    _endpoint(lo)
+    lo.add_argument("--queue-pairs", type=int, default=1, metavar="N")
+    return parser
+
+
+def _msix_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--msix",
+        action=argparse.BooleanOptionalAction,
+        help="force MSI-X vectors on or off (default: decided for the QEMU on PATH; "
+        "Debian 12's QEMU 7.2 crashes with them under TCG)",
+    )
+
+
+def add_net_options(net: argparse.ArgumentParser) -> None:
+    _endpoint(net)
     net.add_argument(
         "--netdev",
-        required=True,
         metavar="tap,OPTIONS",
         help="QEMU's -netdev tap grammar: ifname=, fd=, fds=, script=, downscript=, "
-        "sndbuf=, vnet_hdr=, queues=, vhost=, vhostfd=, vhostfds=, vhostforce=",
+        "sndbuf=, vnet_hdr=, queues=, vhost=, vhostfd=, vhostfds=, vhostforce= (required)",
     )
     net.add_argument("--mac", default="52:54:00:12:34:56", help="the guest's MAC address")
     net.add_argument("--mtu", type=int, help="offer VIRTIO_NET_F_MTU with this MTU")
@@ -96,129 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--user", help="drop to this user once the TAP is open")
     net.add_argument("--group", help="drop to this group once the TAP is open")
     net.add_argument(
-        "--stats-socket", metavar="PATH", help="where counters are served (default: SOCKET.stats)"
-    )
-
-    st = sub.add_parser(
-        "stats", help="print a running pyvhost net's or switch's counters (per queue, per port)"
-    )
-    st.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket")
-    st.add_argument(
         "--stats-socket",
-        "--control",
         metavar="PATH",
-        help="or its control socket (a switch's --control)",
+        help="where counters are served (default: SOCKET.stats; with --fd, the inherited "
+        "socket's path + .stats)",
     )
-    st.add_argument("--json", action="store_true", help="print JSON")
-
-    sw = sub.add_parser(
-        "switch",
-        help="switch VMs (vhost-user ports) to each other and to TAPs, with Python hooks",
-        description="An L2 learning switch: MAC table with ageing, 802.1Q access and "
-        "trunk ports, per-port MTU, Python hooks per port. Ports come from the options "
-        "below or from a TOML file (--config); both may be given.",
-    )
-    sw.add_argument("--config", metavar="FILE.toml", help="ports, uplinks and their settings")
-    sw.add_argument(
-        "--port",
-        action="append",
-        metavar="NAME=SOCKET[,client]",
-        help="a VM port on a vhost-user socket (client: connect to a listening QEMU)",
-    )
-    sw.add_argument(
-        "--uplink", action="append", metavar="NAME=tap,OPTIONS", help="a TAP, --netdev grammar"
-    )
-    sw.add_argument("--vlan", action="append", metavar="PORT=VID", help="an access port's VLAN")
-    sw.add_argument(
-        "--trunk",
-        action="append",
-        metavar="PORT=VID:VID...[,native=VID]",
-        help="a trunk port's tagged VLANs (and its untagged one)",
-    )
-    sw.add_argument("--mtu", action="append", metavar="PORT=N", help="a port's MTU (1500)")
-    sw.add_argument("--mac", action="append", metavar="PORT=MAC", help="a VM port's MAC")
-    sw.add_argument(
-        "--lock", action="append", metavar="PORT", help="only the port's --mac may send from it"
-    )
-    sw.add_argument("--hook", action="append", metavar="PORT=module:function", help="a Python hook")
-    sw.add_argument(
-        "--control", metavar="PATH", help="control socket (default: first SOCKET.stats)"
-    )
-    sw.add_argument("-v", "--verbose", action="count", default=0)
-
-    hk = sub.add_parser(
-        "hook",
-        help="add, replace, remove or list the hooks of a running switch's port, or of a "
-        "pyvhost net's queue pair (ports pair0, pair1, ...)",
-    )
-    hk.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket")
-    hk.add_argument("--control", metavar="PATH", help="or a control socket (a switch's)")
-    hk.add_argument("port")
-    hk.add_argument("action", choices=("add", "remove", "set", "list"))
-    hk.add_argument("specs", nargs="*", metavar="module:function")
-
-    cap = sub.add_parser(
-        "capture",
-        help="live traffic as pcapng (tcpdump -r and Wireshark read it)",
-        description="Capture a running pyvhost switch's or pyvhost net's traffic.",
-    )
-    cap.add_argument("--socket", metavar="PATH", help="a pyvhost net's --socket")
-    cap.add_argument("--control", metavar="PATH", help="or a control socket (a switch's)")
-    cap.add_argument("--port", action="append", metavar="NAME", help="only these ports")
-    cap.add_argument("-w", dest="out", default="-", metavar="FILE", help="FILE, or - (stdout)")
-    cap.add_argument("-c", "--count", type=int, metavar="N", help="stop after N frames")
-    cap.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
-
-    dp = sub.add_parser(
-        "datapath",
-        help="move a running pyvhost net's queue pairs between the kernel (vhost-net) and "
-        "Python datapaths, losslessly",
-    )
-    dp.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket")
-    dp.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
-    dp.add_argument("--pair", type=int, metavar="N", help="only this queue pair (default: all)")
-    dp.add_argument("to", choices=("kernel", "python"))
-
-    demo = sub.add_parser(
-        "demo", help="boot a Linux guest on pyvhost; ping and iperf3 both ways (needs root)"
-    )
-    demo.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="default: tcg")
-    demo.add_argument(
-        "--msix",
-        action=argparse.BooleanOptionalAction,
-        help="force MSI-X on or off (default: on where this QEMU handles it under TCG; "
-        "Debian 12's QEMU 7.2 crashes with it)",
-    )
-    demo.add_argument("--seconds", type=int, default=5, help="iperf3 duration each way")
-    demo.add_argument("--queues", type=int, default=1, help="queue pairs")
-    demo.add_argument(
-        "--vms", type=int, default=1, help="N guests on one pyvhost switch (default 1: pyvhost net)"
-    )
-    demo.add_argument("-v", "--verbose", action="count", default=0)
-
-    qa = sub.add_parser("qemu-args", help="print QEMU's arguments for a NIC on pyvhost")
-    qa.add_argument("--socket", required=True, metavar="PATH")
-    qa.add_argument("--queues", type=int, default=1, metavar="N")
-    qa.add_argument("--mem", default="1G", metavar="SIZE", help="guest RAM (shared memfd)")
-    qa.add_argument("--mac", default="52:54:00:12:34:56")
-    qa.add_argument(
-        "--msix",
-        action=argparse.BooleanOptionalAction,
-        help="force MSI-X vectors on or off (default: decided for the QEMU on PATH; "
-        "Debian 12's QEMU 7.2 crashes with them under TCG)",
-    )
-
-    gb = sub.add_parser("guest", help="the demo's guest image")
-    gb.add_argument("action", choices=("build",), help="build (once) and print the paths")
-    gb.add_argument("-v", "--verbose", action="count", default=0)
-
-    lo = sub.add_parser(
-        "loopback",
-        help="serve a virtio-net device whose cable is looped back (no host networking)",
-    )
-    _common(lo)
-    lo.add_argument("--queue-pairs", type=int, default=1, metavar="N")
-    return parser
 
 
 class SignalWakeup:
@@ -273,14 +432,78 @@ def run_daemon(daemon, on_usr1=None) -> int:
     return 0
 
 
+CAPABILITIES = {"type": "net"}  # vhost-user.json's VHostUserBackendCapabilities
+
+
+def print_capabilities() -> int:
+    print(json.dumps(CAPABILITIES, indent=2))
+    return 0
+
+
+class Endpoint:
+    """Where the front-end comes from: a path (listen or, --client, connect), or an
+    inherited socket (--fd, LISTEN_FDS). `path` names it for messages and the
+    default control socket; it is "" for an inherited socket without a name."""
+
+    def __init__(self, path: str, sock: socket.socket | None = None) -> None:
+        self.path = path
+        self.sock = sock
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Endpoint:
+        from pyvhost.activation import inherited_socket, listen_fds
+
+        activated = listen_fds()
+        if args.fd is not None and args.socket:
+            raise OptionError("--fd and --socket-path: give one of them, not both")
+        fd, option = args.fd, "--fd"
+        if fd is None and not args.socket:
+            if len(activated) > 1:
+                raise OptionError(
+                    f"LISTEN_FDS={len(activated)}: pyvhost serves one socket; give the "
+                    "socket unit one ListenStream=, or pick one with --fd"
+                )
+            if not activated:
+                raise OptionError(
+                    "give --socket-path PATH (the vhost-user socket) or --fd FDNUM (an "
+                    "inherited one)"
+                )
+            fd, option = activated[0], "LISTEN_FDS"
+        if fd is None:
+            return cls(args.socket)
+        if args.client:
+            raise OptionError(
+                f"--client with {option}: an inherited socket is already listening or "
+                "connected; --client is for --socket-path"
+            )
+        sock = inherited_socket(fd, option)
+        try:
+            name = sock.getsockname()
+        except OSError:
+            name = ""
+        return cls(name if isinstance(name, str) else "", sock)
+
+    def stats_path(self, explicit: str | None) -> str | None:
+        if explicit:
+            return explicit
+        return self.path + ".stats" if self.path else None
+
+    def owns_path(self, client: bool) -> bool:
+        return self.sock is None and not client
+
+
 def cmd_loopback(args: argparse.Namespace) -> int:
     from pyvhost.devices.loopback import LoopbackNet
     from pyvhost.vhost_user.daemon import Daemon
 
+    if args.print_capabilities:
+        return print_capabilities()
     if args.queue_pairs < 1:
         raise OptionError(f"--queue-pairs {args.queue_pairs}: must be at least 1")
+    endpoint = Endpoint.from_args(args)
     device = LoopbackNet(args.queue_pairs)
-    daemon = Daemon(device, args.socket, client=args.client)
+    daemon = Daemon(device, endpoint.path, client=args.client, sock=endpoint.sock)
+    notify_ready()
     status = run_daemon(daemon)
     c = device.counters
     print(
@@ -350,8 +573,15 @@ def _parents(directory: str) -> list[str]:
 
 
 def drop_privileges(uid: int | None, gid: int | None, paths: list[str]) -> None:
-    """Become uid/gid for good; the sockets we created become theirs."""
+    """Become uid/gid for good; the sockets we created become theirs. Started as
+    a user with capabilities (systemd's AmbientCapabilities=CAP_NET_ADMIN), the
+    capabilities go instead: the TAP is open, nothing needs them any more."""
     if uid is None and gid is None:
+        if os.geteuid() != 0:
+            from pyvhost.capabilities import drop_all
+
+            if drop_all():
+                log.info("capabilities given up now that the TAP is open")
         return
     for p in paths:
         os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid)
@@ -379,7 +609,11 @@ def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.stats import format_table
     from pyvhost.vhost_user.daemon import Daemon
 
+    if args.print_capabilities:
+        return print_capabilities()
     # Everything that needs nothing opened is checked first: a refusal leaves nothing.
+    if not args.netdev:
+        raise OptionError("--netdev tap,OPTIONS is required (e.g. --netdev tap,ifname=vm1)")
     opts = parse_netdev(args.netdev)
     mac = parse_mac(args.mac)
     if args.mtu is not None and not 68 <= args.mtu <= 65535:
@@ -392,10 +626,17 @@ def cmd_net(args: argparse.Namespace) -> int:
         if not 0 <= value <= 1_000_000:
             raise OptionError(f"{flag} {value}: must be between 0 and 1000000 microseconds")
     uid, gid = resolve_ids(args.user, args.group)
-    stats_file = args.stats_socket or (args.socket + ".stats")
-    check_removable(stats_file, uid, gid, "--stats-socket")
-    if not args.client:
-        check_removable(args.socket, uid, gid, "--socket")
+    endpoint = Endpoint.from_args(args)
+    stats_file = endpoint.stats_path(args.stats_socket)
+    if stats_file is None:
+        log.warning(
+            "no control socket: the inherited socket has no path to name one after; give "
+            "--stats-socket PATH for pyvhost stats, hook, capture and datapath"
+        )
+    else:
+        check_removable(stats_file, uid, gid, "--stats-socket")
+    if endpoint.owns_path(args.client):
+        check_removable(endpoint.path, uid, gid, "--socket-path")
     if uid is not None and opts.downscript:
         log.warning("downscript= will run as --user %s, without root's privileges", args.user)
 
@@ -415,9 +656,10 @@ def cmd_net(args: argparse.Namespace) -> int:
         why = device.dirty_logging_unavailable() or logging_supported()
         if why is not None:
             (log.info if not args.migration else log.warning)("live migration unavailable: %s", why)
-        daemon = served = Daemon(device, args.socket, client=args.client)
+        daemon = served = Daemon(device, endpoint.path, client=args.client, sock=endpoint.sock)
+        endpoint.sock = None  # the daemon's now
 
-        commands = NetCommands(device, netdev.ifname, args.socket, lambda: served.sessions)
+        commands = NetCommands(device, netdev.ifname, endpoint.path, lambda: served.sessions)
         snapshot = commands.stats
         for spec in args.hook or []:
             port, _, hook = spec.partition("=")
@@ -426,17 +668,22 @@ def cmd_net(args: argparse.Namespace) -> int:
         def print_stats() -> None:
             print(format_table(snapshot()), flush=True)
 
-        stats = ControlServer(stats_file, daemon.loop, commands.handlers())
-        owned = [stats.path] + ([] if args.client else [args.socket])
+        if stats_file is not None:
+            stats = ControlServer(stats_file, daemon.loop, commands.handlers())
+        owned = ([stats.path] if stats else []) + (
+            [endpoint.path] if endpoint.owns_path(args.client) else []
+        )
         drop_privileges(uid, gid, owned)
+        where = endpoint.path or f"inherited fd {args.fd}"
         print(
-            f"pyvhost: serving virtio-net on {args.socket}, TAP {netdev.ifname} "
+            f"pyvhost: serving virtio-net on {where}, TAP {netdev.ifname} "
             f"({len(netdev.queues)} queue{'s' if len(netdev.queues) > 1 else ''}, "
             f"vnet_hdr={'on' if device.vnet_hdr else 'off'}, "
             f"offloads={'on' if device.offloads else 'off'}, "
             f"datapath={'kernel (vhost-net)' if netdev.vhosts else 'python'})",
             flush=True,
         )
+        notify_ready()
         run_daemon(daemon, on_usr1=print_stats)
         daemon = None  # closed by run_daemon
         print_stats()
@@ -445,8 +692,17 @@ def cmd_net(args: argparse.Namespace) -> int:
             stats.close()
         if daemon is not None:
             daemon.close()
+        if endpoint.sock is not None:
+            endpoint.sock.close()
         netdev.close()
     return 0
+
+
+def notify_ready() -> None:
+    """Tell systemd (Type=notify) that the socket is served."""
+    from pyvhost.activation import notify
+
+    notify("READY=1")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -544,6 +800,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def decide_msix(forced: bool | None) -> bool:
+    """--msix/--no-msix, or what is known of the QEMU on PATH under TCG."""
+    if forced is not None:
+        return forced
+    from pyvhost.guest.msix import cached_msix
+    from pyvhost.guest.qemu import qemu_version
+
+    version = qemu_version()
+    msix = cached_msix(version)
+    if msix is None:
+        print(
+            f"pyvhost: QEMU {'.'.join(map(str, version))} is not known to handle MSI-X "
+            "with vhost-user under TCG: vectors=0 (run 'pyvhost demo' once to probe it, "
+            "or pass --msix where KVM runs the guest)",
+            file=sys.stderr,
+        )
+        return False
+    return msix
+
+
 def cmd_qemu_args(args: argparse.Namespace) -> int:
     import shlex
 
@@ -552,25 +828,128 @@ def cmd_qemu_args(args: argparse.Namespace) -> int:
     if args.queues < 1:
         raise OptionError(f"--queues {args.queues}: must be at least 1")
     parse_mac(args.mac)
-    msix = args.msix
-    if msix is None:
-        from pyvhost.guest.msix import cached_msix
-        from pyvhost.guest.qemu import qemu_version
-
-        version = qemu_version()
-        msix = cached_msix(version)
-        if msix is None:
-            msix = False
-            print(
-                f"pyvhost: QEMU {'.'.join(map(str, version))} is not known to handle MSI-X "
-                "with vhost-user under TCG: vectors=0 (run 'pyvhost demo' once to probe it, "
-                "or pass --msix where KVM runs the guest)",
-                file=sys.stderr,
-            )
+    msix = decide_msix(args.msix)
     args_ = nic_args(
         NicOptions(args.socket, queues=args.queues, mem=args.mem, mac=args.mac, msix=msix)
     )
     print(shlex.join(args_))
+    return 0
+
+
+def cmd_libvirt_xml(args: argparse.Namespace) -> int:
+    from pyvhost.guest.libvirt import LibvirtNic, domain, snippets
+
+    if args.queues < 1:
+        raise OptionError(f"--queues {args.queues}: must be at least 1")
+    if args.reconnect < 0:
+        raise OptionError(f"--reconnect {args.reconnect}: seconds, 0 or more")
+    if not os.path.isabs(args.socket):
+        raise OptionError(f"--socket {args.socket}: libvirt needs an absolute path")
+    parse_mac(args.mac)
+    for flag in ("kernel", "initrd", "console"):
+        if getattr(args, flag) and not args.domain:
+            raise OptionError(f"--{flag} belongs to a whole domain: add --domain NAME")
+    nic = LibvirtNic(
+        args.socket,
+        pyvhost_client=args.client,
+        queues=args.queues,
+        mac=args.mac,
+        reconnect=args.reconnect,
+        msix=decide_msix(args.msix),
+    )
+    if args.domain:
+        print(
+            domain(
+                args.domain,
+                nic,
+                memory_mib=args.memory,
+                kernel=args.kernel and os.path.abspath(args.kernel),
+                initrd=args.initrd and os.path.abspath(args.initrd),
+                cmdline=args.cmdline,
+                console=args.console and os.path.abspath(args.console),
+            ),
+            end="",
+        )
+    else:
+        print(snippets(nic), end="")
+    return 0
+
+
+VHOST_USER_JSON = "50-pyvhost-net.json"
+
+
+def pyvhost_net_binary() -> str:
+    """The installed pyvhost-net's absolute path: beside this pyvhost, beside this
+    Python (a virtualenv's bin), or on PATH."""
+    import shutil
+
+    beside = [
+        os.path.join(os.path.dirname(os.path.abspath(p)), "pyvhost-net")
+        for p in (sys.argv[0], sys.executable)
+    ]
+    binary = next((b for b in beside if os.access(b, os.X_OK)), shutil.which("pyvhost-net"))
+    if binary is None:
+        raise PyvhostError(
+            "pyvhost-net is not installed beside pyvhost or on PATH (it comes with "
+            "'pip install pyvhost'); the file must name it by its absolute path"
+        )
+    return os.path.abspath(binary)
+
+
+def vhost_user_description() -> dict:
+    """vhost-user.json's VhostUserBackend for pyvhost-net, naming the installed binary."""
+    from pyvhost import __version__
+
+    return {
+        "description": "pyvhost virtio-net back-end bridged to a TAP",
+        "type": "net",
+        "binary": pyvhost_net_binary(),
+        "tags": [f"pyvhost-{__version__}"],
+    }
+
+
+def systemd_units() -> dict[str, str]:
+    """The unit files, with ExecStart naming the installed pyvhost-net."""
+    from importlib.resources import files
+
+    binary = pyvhost_net_binary()
+    return {
+        f.name: f.read_text().replace("@PYVHOST_NET@", binary)
+        for f in sorted(files("pyvhost.systemd").iterdir(), key=lambda f: f.name)
+        if f.name.startswith("pyvhost-net@")
+    }
+
+
+def cmd_systemd_units(args: argparse.Namespace) -> int:
+    units = systemd_units()
+    if not args.install:
+        for name, text in units.items():
+            print(f"# ==> {name} <==\n{text}")
+        return 0
+    try:
+        os.makedirs(args.install, exist_ok=True)
+        for name, text in units.items():
+            with open(os.path.join(args.install, name), "w") as f:
+                f.write(text)
+    except OSError as e:
+        raise OptionError(f"--install {args.install}: {e.strerror}") from None
+    print(f"pyvhost: wrote {', '.join(units)} to {args.install}")
+    return 0
+
+
+def cmd_vhost_user_json(args: argparse.Namespace) -> int:
+    text = json.dumps(vhost_user_description(), indent=2) + "\n"
+    if not args.install:
+        print(text, end="")
+        return 0
+    try:
+        os.makedirs(args.install, exist_ok=True)
+        path = os.path.join(args.install, VHOST_USER_JSON)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise OptionError(f"--install {args.install}: {e.strerror}") from None
+    print(f"pyvhost: wrote {path}")
     return 0
 
 
@@ -582,30 +961,70 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
+def setup_logging(args: argparse.Namespace) -> None:
+    """Logs go to stderr: plain lines when it is not a terminal (journald and
+    libvirt's log files add their own timestamps), with the time when it is."""
+    if getattr(args, "log_level", None):
+        level = getattr(logging, args.log_level.upper())
+    else:
+        verbose = getattr(args, "verbose", 0)
+        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    fmt = "pyvhost: %(levelname)s: %(message)s"
+    if sys.stderr.isatty():
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level, format=fmt)
+
+
+COMMANDS = {
+    "loopback": cmd_loopback,
+    "net": cmd_net,
+    "stats": cmd_stats,
+    "datapath": cmd_datapath,
+    "switch": cmd_switch,
+    "hook": cmd_hook,
+    "capture": cmd_capture,
+    "demo": cmd_demo,
+    "qemu-args": cmd_qemu_args,
+    "libvirt-xml": cmd_libvirt_xml,
+    "vhost-user-json": cmd_vhost_user_json,
+    "systemd-units": cmd_systemd_units,
+    "guest": cmd_guest,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = (
-        [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-        if hasattr(args, "verbose")
-        else logging.WARNING
-    )
-    logging.basicConfig(level=level, format="pyvhost: %(levelname)s: %(message)s")
-    commands = {
-        "loopback": cmd_loopback,
-        "net": cmd_net,
-        "stats": cmd_stats,
-        "datapath": cmd_datapath,
-        "switch": cmd_switch,
-        "hook": cmd_hook,
-        "capture": cmd_capture,
-        "demo": cmd_demo,
-        "qemu-args": cmd_qemu_args,
-        "guest": cmd_guest,
-    }
+    setup_logging(args)
     try:
-        return commands[args.command](args)
+        return COMMANDS[args.command](args)
     except PyvhostError as e:
         print(f"pyvhost: error: {e}", file=sys.stderr)
+        return 2
+
+
+def net_main(argv: list[str] | None = None) -> int:
+    """pyvhost-net: `pyvhost net` as a program of its own, the form QEMU's back-end
+    program conventions and vhost-user.json describe."""
+    from pyvhost import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pyvhost-net",
+        description="A vhost-user virtio-net back-end bridged to a TAP (pyvhost net).",
+        epilog=_examples(
+            "pyvhost-net --socket-path /run/vm1.sock --netdev tap,ifname=vm1",
+            "pyvhost-net --fd 3 --netdev tap,ifname=vm1",
+            "pyvhost-net --print-capabilities",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pyvhost {__version__}")
+    add_net_options(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    try:
+        return cmd_net(args)
+    except PyvhostError as e:
+        print(f"pyvhost-net: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,10 @@ Server mode listens on a path and serves one front-end; when it leaves, its
 session is dropped (rings stopped, memory unmapped, fds closed) and the next
 one is accepted, so a QEMU started with reconnect=1 can come back. Client
 mode connects to a front-end that listens, retrying until it is there.
+An inherited socket (--fd, systemd's socket activation) is served as it
+comes: a listening one like server mode's own, except that its path is the
+caller's and stays; a connected one is a single front-end, and the daemon
+stops when it leaves.
 
 The control socket, every ring's kick eventfd and the device's own fds (the
 TAP) share one epoll loop: each ring is served as soon as it is kicked, and
@@ -44,10 +48,15 @@ class Daemon:
         *,
         client: bool = False,
         loop: EventLoop | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: an inherited Unix stream socket, listening or connected, served
+        instead of `socket_path` (then only a name for messages)."""
         self.device = device
         self.socket_path = socket_path
         self.client = client
+        self._owns_path = sock is None and not client  # ours to create and remove
+        self._single = False  # a connected inherited socket: one front-end, then stop
         self.loop = loop or EventLoop()
         self.listener: socket.socket | None = None
         self.conn: Connection | None = None
@@ -64,7 +73,9 @@ class Daemon:
         # is its own: a datapath error ends its session, not another's.
         with self.loop.owned_by(self):
             device.attach(self.loop)
-            if not client:
+            if sock is not None:
+                self._adopt(sock)
+            elif not client:
                 self._listen()
 
     # --- sockets --------------------------------------------------------------
@@ -85,10 +96,26 @@ class Daemon:
         self.loop.add_reader(sock.fileno(), self._on_accept)
         log.info("listening on %s", self.socket_path)
 
+    def _adopt(self, sock: socket.socket) -> None:
+        from pyvhost.activation import is_listening
+
+        sock.setblocking(False)
+        if is_listening(sock):
+            self.listener = sock
+            self.loop.add_reader(sock.fileno(), self._on_accept)
+            log.info("listening on an inherited socket (%s)", self.socket_path or "unnamed")
+        else:
+            sock.setblocking(True)
+            self._single = True
+            self._start_session(sock)
+
     def _on_accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        if self.unplugged:  # an inherited listener cannot vanish: refuse at once
+            sock.close()
             return
         # One front-end at a time: stop accepting until this one leaves.
         self.loop.remove_reader(self.listener.fileno())
@@ -166,7 +193,10 @@ class Daemon:
         finally:
             conn.close()
             self._collect_soon()
-            if self.listener is not None and not self.unplugged:
+            if self._single:
+                log.info("the inherited connection's front-end left; stopping")
+                self.loop.stop()
+            elif self.listener is not None and not self.unplugged:
                 self.loop.add_reader(self.listener.fileno(), self._on_accept)
 
     # --- the device's link, shown to the guest ------------------------------------------
@@ -196,7 +226,10 @@ class Daemon:
         )
         self.unplugged = True
         self._end_session()
-        if self.listener is not None:
+        if self.listener is not None and not self._owns_path:
+            # Not ours to remove: connections are accepted and closed at once.
+            self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        elif self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
@@ -208,12 +241,14 @@ class Daemon:
     def _replug(self) -> None:
         log.info("link up: serving the front-end again")
         self.unplugged = False
-        if not self.client:
+        if self._owns_path:
             self._listen()
 
     # --- running -------------------------------------------------------------------
 
-    def run_once(self, timeout: float | None = 0.5) -> None:
+    def run_once(self, timeout: float | None = None) -> None:
+        """One turn of the loop. With nothing to wait for but fds, it sleeps until
+        one is ready: an idle daemon has no timer wakeups."""
         if self.client and self.conn is None and not self.unplugged:
             with self.loop.owned_by(self):
                 self._try_connect()
@@ -262,20 +297,23 @@ class Daemon:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            if self._owns_path:
+                try:
+                    os.unlink(self.socket_path)
+                except FileNotFoundError:
+                    pass
         self.device.detach()
 
 
 def run_daemons(daemons: list[Daemon], loop: EventLoop) -> None:
-    """Serve several daemons on one loop (the switch's ports) until loop.stop()."""
+    """Serve several daemons on one loop (the switch's ports) until loop.stop().
+    The loop wakes on a timer only while a client-mode port has no front-end."""
     clients = [d for d in daemons if d.client]
     while not loop.stopping:
         for d in clients:
             d.connect_if_due()
-        loop.run_once(RECONNECT_INTERVAL if clients else 0.5)
+        waiting = any(d.conn is None and not d.unplugged for d in clients)
+        loop.run_once(RECONNECT_INTERVAL if waiting else None)
 
 
 def _remove_stale_socket(path: str) -> None:
