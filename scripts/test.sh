@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-apt_install "${GUEST_PACKAGES[@]}" dpdk dpdk-dev tcpdump  # dpdk-testpmd is in dpdk-dev; tcpdump reads captures
+apt_install "${GUEST_PACKAGES[@]}" dpdk dpdk-dev tcpdump \
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # testpmd is in dpdk-dev; tcpdump reads captures; libvirt for its e2e test
 python_env '.[test]'
 
 echo "==> ruff"
