@@ -57,6 +57,26 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _patience(signum, frame) -> None:
+    print("still cleaning up (a second or two)", file=sys.stderr)
+
+
+def _shut_down(lab, interrupted: bool, old: dict) -> None:
+    """Interrupted: end every child at once and return within about a second;
+    a second Ctrl-C meanwhile does not cut the cleanup short."""
+    try:
+        if lab is not None:
+            if interrupted:
+                for s in old:
+                    signal.signal(s, _patience)
+                lab.abort()
+            else:
+                lab.close()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run(
     accel: str = "tcg", msix: bool | None = None, seconds: int = 5, queues: int = 1, vms: int = 1
 ) -> int:
@@ -65,6 +85,7 @@ def run(
         return run_switch(vms, msix, seconds)
     progress = Progress(6)
     lab = None
+    interrupted = False
     # Ctrl-C or a SIGTERM, whatever the caller's signal dispositions: clean up, then stop.
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -87,14 +108,10 @@ def run(
         lab_msix = lab.msix
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
+        interrupted = True
         return 130
     finally:
-        try:
-            if lab is not None:
-                lab.close()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        _shut_down(lab, interrupted, old)
     drops = sum(q["drops"] + q["errors"] for q in stats.values())
     rows = [
         ("boot time", f"{guest.boot_seconds:.1f} s ({accel})"),
@@ -122,6 +139,7 @@ def run_switch(vms: int, msix: bool | None, seconds: int) -> int:
 
     progress = Progress(5)
     lab = None
+    interrupted = False
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         progress.next("guest image (kernel + initramfs from Debian's packages, cached)")
@@ -149,14 +167,10 @@ def run_switch(vms: int, msix: bool | None, seconds: int) -> int:
         ports = lab.stats()["ports"]
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
+        interrupted = True
         return 130
     finally:
-        try:
-            if lab is not None:
-                lab.close()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        _shut_down(lab, interrupted, old)
     drops = sum(sum(p["drops"].values()) for p in ports.values())
     rows = [(f"ping {name}", f"{loss} % loss, {rtt:.2f} ms" if rtt else f"{loss} % loss")
             for name, (loss, rtt) in pings]  # fmt: skip

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pyvhost.testing.netns import ip
 
 
@@ -51,7 +53,8 @@ def test_the_two_vm_demo_shows_guests_talking_through_the_switch(guest_image):
     assert namespaces() == before_ns and "pv" not in taps()
 
 
-def test_an_interrupted_demo_cleans_up(guest_image):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_demo_is_back_within_two_seconds_and_leaves_nothing(guest_image, sig):
     before_ns = namespaces()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyvhost", "demo", "--seconds", "30"],
@@ -65,9 +68,12 @@ def test_an_interrupted_demo_cleans_up(guest_image):
         ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
     ).stdout.split()
     assert children  # pyvhost, QEMU, iperf3 are running
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
+    sent = time.monotonic()
     out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
     assert proc.returncode == 130 and "interrupted: cleaning up" in err
+    assert took < 2.0, f"{took:.1f} s from the signal to the prompt"
     for pid in children:
         assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0, pid
     assert namespaces() == before_ns and "pv" not in taps()

@@ -19,7 +19,7 @@ from pyvhost.guest.image import GuestImage, ensure_image
 from pyvhost.guest.msix import msix_works
 from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.testing.netns import NetNamespace
-from pyvhost.testing.processes import PyvhostProcess, wait_for
+from pyvhost.testing.processes import PyvhostProcess, end_all, wait_for
 
 HOST_IP = "10.0.2.1"
 GUEST_IP = "10.0.2.15"
@@ -137,6 +137,14 @@ class Lab:
         return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
     # --- teardown ------------------------------------------------------------------------
+
+    def abort(self, grace: float = 1.0) -> None:
+        """Interrupted: end QEMU, the servers and pyvhost together (SIGTERM, then
+        SIGKILL after `grace`), without waiting for the guest to power off; then
+        close() finds them gone and removes the rest."""
+        procs = [p.proc for p in (self.guest, self.pyvhost) if p is not None]
+        end_all([*procs, *self._servers], grace)
+        self.close()
 
     def close(self) -> None:
         if self.guest is not None:

@@ -108,6 +108,16 @@ class SwitchLab:
 
         return request(self.control, {"cmd": "stats"})
 
+    def abort(self, grace: float = 1.0) -> None:
+        """Interrupted: everything ended at once (SIGTERM, SIGKILL after `grace`)."""
+        from pyvhost.testing.processes import end_all
+
+        procs = [g.proc for g in self.guests if g is not None]
+        if self.switch is not None:
+            procs.append(self.switch.proc)
+        end_all([*procs, *self._servers], grace)
+        self.close()
+
     def close(self) -> None:
         for g in self.guests:
             if g is not None:

@@ -21,6 +21,21 @@ def listening(path: str) -> bool:
     return False
 
 
+def end_all(procs: list[subprocess.Popen], grace: float = 1.0) -> None:
+    """SIGTERM every one at once, then SIGKILL whatever is left after `grace`
+    seconds: how an interrupted run gets back to its user promptly."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
