@@ -371,7 +371,11 @@ def add_net_options(net: argparse.ArgumentParser) -> None:
         "live-migrate the guest",
     )
     net.add_argument("--user", help="drop to this user once the TAP is open")
-    net.add_argument("--group", help="drop to this group once the TAP is open")
+    net.add_argument(
+        "--group",
+        help="drop to this group once the TAP is open; the socket becomes the group's "
+        "(mode 0660), so its members (QEMU's group, e.g. kvm) may connect",
+    )
     net.add_argument(
         "--stats-socket",
         metavar="PATH",
@@ -673,6 +677,10 @@ def cmd_net(args: argparse.Namespace) -> int:
         owned = ([stats.path] if stats else []) + (
             [endpoint.path] if endpoint.owns_path(args.client) else []
         )
+        if gid is not None and endpoint.owns_path(args.client):
+            # --group names who may connect (QEMU's group, e.g. kvm): connecting
+            # to a Unix socket takes write permission on it.
+            os.chmod(endpoint.path, 0o660)
         drop_privileges(uid, gid, owned)
         where = endpoint.path or f"inherited fd {args.fd}"
         print(

@@ -190,6 +190,7 @@ def test_privileges_are_dropped_once_the_tap_is_open(netns, nobody_dir):
         ids = {line.split(":")[0]: line.split()[1:] for line in f if line[:3] in ("Uid", "Gid")}
     assert ids["Uid"] == ["65534"] * 4 and ids["Gid"] == ["65534"] * 4
     assert os.stat(d.sock).st_uid == 65534 and stat.S_ISSOCK(os.stat(d.sock).st_mode)
+    assert stat.S_IMODE(os.stat(d.sock).st_mode) == 0o660  # --group's members may connect
     host = netns.packet_socket(d.ifname)
     host.settimeout(5)
     with NetFrontend.connect(d.sock) as fe:  # the datapath runs unprivileged
