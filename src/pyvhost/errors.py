@@ -110,6 +110,14 @@ class ChainLengthError(QueueError):
     """The bytes of one chain add up to more than a used element can report (2**32 - 1)."""
 
 
+class BufferIdError(QueueError):
+    """A packed ring's buffer id is past the queue size, or already in flight."""
+
+
+class WrapCounterError(QueueError):
+    """A packed ring's chain runs into a descriptor not available in the current lap."""
+
+
 # --- vhost-user protocol ----------------------------------------------------------
 
 

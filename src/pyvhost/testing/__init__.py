@@ -105,3 +105,29 @@ def queue_pair(
         indirect=indirect,
     )
     return driver, device
+
+
+def packed_queue_pair(
+    ram: GuestRam,
+    size: int = 256,
+    *,
+    event_idx: bool = False,
+    indirect: bool = False,
+    device_memory: GuestMemory | None = None,
+):
+    """A packed driver queue laid out in `ram`, and the device queue serving it."""
+    from pyvhost.virtq.packed import PackedQueue
+    from pyvhost.virtq.packed_driver import PackedDriverQueue, packed_footprint
+
+    base = ram.alloc(packed_footprint(size), align=4096)
+    driver = PackedDriverQueue.layout(ram.memory, base, size, event_idx=event_idx)
+    device = PackedQueue(
+        device_memory if device_memory is not None else ram.map_again(),
+        size,
+        driver.desc_addr,
+        driver.avail_addr,
+        driver.used_addr,
+        event_idx=event_idx,
+        indirect=indirect,
+    )
+    return driver, device

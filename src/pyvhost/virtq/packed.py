@@ -1,0 +1,504 @@
+"""The device side of a packed virtqueue, behind SplitQueue's interface.
+
+pop(), push_used(), the notification calls and the memory-map listener mean
+what they mean for SplitQueue, so a device serves either ring without
+knowing which. What differs is underneath (packed_layout): one descriptor
+ring, read and written in place, positions with wrap counters, and a chain's
+descriptors consecutive in the ring. A chain is known by its buffer id (the
+`head` of DescriptorChain), which the driver writes into the chain's last
+descriptor; returning it writes one used descriptor at the device's next
+used position and moves that position past as many descriptors as the chain
+took.
+
+The guest may be hostile, as for the split ring: a buffer id past the queue
+size or already in flight, a chain that runs into a descriptor the driver
+has not made available in this lap (a wrong wrap counter), a chain longer
+than the ring, an indirect table that is empty, mis-sized, too long or
+chained, a buffer outside guest memory: each breaks this queue alone, with
+the reason, and pop() returns None from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pyvhost.errors import (
+    BufferIdError,
+    ChainLengthError,
+    ChainTooLongError,
+    DescriptorMemoryError,
+    DescriptorOrderError,
+    GuestMemoryError,
+    IndirectDescriptorError,
+    QueueConfigError,
+    QueueError,
+    WrapCounterError,
+)
+from pyvhost.memory import GuestMemory, MemoryRegion, Pin
+from pyvhost.virtq.layout import (
+    MAX_CHAIN_BYTES,
+    MAX_INDIRECT_ENTRIES,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    full_fence,
+    need_event,
+    u16_view,
+)
+from pyvhost.virtq.packed_layout import (
+    EVENT_AREA_ALIGN,
+    EVENT_AREA_SIZE,
+    EVENT_FLAGS,
+    FLAGS_U16,
+    OFF_WRAP,
+    PACKED_DESC,
+    PACKED_DESC_ALIGN,
+    PACKED_DESC_SIZE,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+    is_valid_packed_size,
+    pack_position,
+    unpack_position,
+    vring_base,
+)
+from pyvhost.virtq.split import DescriptorChain
+
+log = logging.getLogger(__name__)
+
+_unpack_desc = PACKED_DESC.unpack_from
+_BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
+
+
+class PackedQueue:
+    """Device side of one packed virtqueue in guest memory."""
+
+    packed = True
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_event_addr: int,
+        device_event_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        base: int | None = None,
+        name: str = "vq",
+        log_used: int | None = None,
+    ) -> None:
+        """`base`: the 32-bit position to start from (SET_VRING_BASE's, see
+        packed_layout); None: both positions 0 with wrap counters 1.
+        `log_used`: while logging, used-descriptor writes are logged as if the
+        ring were at this guest address; None: at its own."""
+        if not is_valid_packed_size(size):
+            raise QueueConfigError(f"{name}: packed queue size {size} is not in 1..32768")
+        for what, addr, align in (
+            ("descriptor ring", desc_addr, PACKED_DESC_ALIGN),
+            ("driver event area", driver_event_addr, EVENT_AREA_ALIGN),
+            ("device event area", device_event_addr, EVENT_AREA_ALIGN),
+        ):
+            if addr % align:
+                raise QueueConfigError(f"{name}: {what} at 0x{addr:x} is not {align}-aligned")
+        self.name = name
+        self.size = size
+        self.desc_addr = desc_addr
+        self.driver_event_addr = driver_event_addr
+        self.device_event_addr = device_event_addr
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.broken: QueueError | None = None
+        self.on_broken: Callable[[QueueError], None] | None = None
+        self._memory = memory
+        self._pins: list[Pin] = []
+        self._ring: memoryview | None = None  # the descriptor ring, bytes
+        self._ring16: memoryview | None = None  # ... and as u16
+        self._driver_event: memoryview | None = None  # u16 view
+        self._device_event: memoryview | None = None  # u16 view
+        if base is None:
+            base = vring_base(0, 1, 0, 1)
+        self._next_avail, self._avail_wrap = unpack_position(base & 0xFFFF)
+        self._next_used, self._used_wrap = unpack_position(base >> 16)
+        for what, pos in (("avail", self._next_avail), ("used", self._next_used)):
+            if pos >= size:
+                raise QueueConfigError(
+                    f"{name}: base 0x{base:08x}: {what} position {pos} is past a ring of {size}"
+                )
+        self._in_flight: dict[int, int] = {}  # buffer id -> descriptors it took
+        self._last_pop: tuple[int, int, int] | None = None  # (position, wrap, id), for unpop
+        self._signalled: tuple[int, int] | None = None  # used position at the last decision
+        self._kicks_wanted = True
+        self.log_used = desc_addr if log_used is None else log_used
+        self._writable_ranges: dict[int, list[tuple[int, int]]] = {}
+        self._map_rings()
+        memory.add_listener(self)
+
+    # --- state the vhost-user layer reads and sets ------------------------------
+
+    @property
+    def vring_base(self) -> int:
+        """Where to go on from: GET_VRING_BASE's 32-bit value."""
+        return vring_base(self._next_avail, self._avail_wrap, self._next_used, self._used_wrap)
+
+    @property
+    def next_avail(self) -> int:
+        return pack_position(self._next_avail, self._avail_wrap)
+
+    @property
+    def next_used(self) -> int:
+        return pack_position(self._next_used, self._used_wrap)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def ready(self) -> bool:
+        return self.broken is None and self._ring is not None
+
+    def close(self) -> None:
+        self._unmap_rings()
+        try:
+            self._memory.remove_listener(self)
+        except ValueError:
+            pass
+
+    # --- consuming available chains ------------------------------------------------
+
+    def _available(self, pos: int, wrap: int) -> bool:
+        flags = self._ring16[pos * 8 + FLAGS_U16] & _BOTH
+        return flags == (VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED)
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None (empty, broken, or rings unmapped)."""
+        if self._ring is None or self.broken is not None:
+            return None
+        pos, wrap = self._next_avail, self._avail_wrap
+        if not self._available(pos, wrap):
+            if not (self._kicks_wanted and self.event_idx and self._rearm()):
+                return None
+        try:
+            return self._walk(pos, wrap)
+        except QueueError as e:
+            self._break(e)
+        except GuestMemoryError as e:
+            self._break(DescriptorMemoryError(f"chain at position {pos}: {e}"))
+        return None
+
+    def _rearm(self) -> bool:
+        """Empty ring, kicks wanted: ask for a kick at the next position, look again."""
+        ev = self._device_event
+        ev[OFF_WRAP] = pack_position(self._next_avail, self._avail_wrap)
+        ev[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
+        full_fence()
+        return self._available(self._next_avail, self._avail_wrap)
+
+    def _walk(self, start: int, wrap: int) -> DescriptorChain:
+        size = self.size
+        ring = self._ring
+        gather = self._memory.gather
+        logging_ = self._memory.log is not None
+        ranges: list[tuple[int, int]] = []
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        pos = start
+        count = 0
+        while True:
+            if count and not self._available(pos, wrap):
+                raise WrapCounterError(
+                    f"chain at position {start}: descriptor {pos} is not available in this "
+                    f"lap (wrap counter {wrap})"
+                )
+            count += 1
+            if count > size:
+                raise ChainTooLongError(
+                    f"chain at position {start} has more than {size} descriptors"
+                )
+            addr, length, buf_id, flags = _unpack_desc(ring, pos * PACKED_DESC_SIZE)
+            pos += 1
+            if pos == size:
+                pos, wrap = 0, wrap ^ 1
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if count != 1 or flags & VIRTQ_DESC_F_NEXT:
+                    raise IndirectDescriptorError(
+                        f"chain at position {start}: an indirect descriptor must be a "
+                        "buffer's only one"
+                    )
+                rlen, wlen = self._indirect(start, addr, length, readable, writable, ranges)
+                break
+            if flags & VIRTQ_DESC_F_WRITE:
+                gather(addr, length, writable, True)
+                wlen += length
+                if logging_:
+                    ranges.append((addr, length))
+            else:
+                if writable:
+                    raise DescriptorOrderError(
+                        f"chain at position {start}: a device-readable descriptor after "
+                        "a device-writable one"
+                    )
+                gather(addr, length, readable, False)
+                rlen += length
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+        if buf_id >= size:
+            raise BufferIdError(
+                f"chain at position {start}: buffer id {buf_id} is past a queue of {size}"
+            )
+        if buf_id in self._in_flight:
+            raise BufferIdError(
+                f"chain at position {start}: buffer id {buf_id} is already in flight"
+            )
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            raise ChainLengthError(f"chain at position {start} spans {rlen + wlen} bytes")
+        self._last_pop = (start, self._avail_wrap, buf_id)
+        self._next_avail, self._avail_wrap = pos, wrap
+        self._in_flight[buf_id] = count
+        if logging_:
+            self._writable_ranges[buf_id] = ranges
+        return DescriptorChain(buf_id, readable, writable, rlen, wlen)
+
+    def _indirect(self, start, addr, length, readable, writable, ranges) -> tuple[int, int]:
+        if not self.indirect:
+            raise IndirectDescriptorError(
+                f"chain at position {start} uses an indirect table, but INDIRECT_DESC "
+                "was not negotiated"
+            )
+        if length == 0 or length % PACKED_DESC_SIZE:
+            raise IndirectDescriptorError(
+                f"chain at position {start}: indirect table length {length} is not a "
+                "non-zero multiple of 16"
+            )
+        entries = length // PACKED_DESC_SIZE
+        if entries > MAX_INDIRECT_ENTRIES:
+            raise IndirectDescriptorError(
+                f"chain at position {start}: indirect table of {entries} entries "
+                f"(at most {MAX_INDIRECT_ENTRIES})"
+            )
+        views = self._memory.translate(addr, length)
+        table = views[0] if len(views) == 1 else b"".join(views)
+        gather = self._memory.gather
+        logging_ = self._memory.log is not None
+        rlen = wlen = 0
+        for i in range(entries):
+            a, n, _, flags = _unpack_desc(table, i * PACKED_DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise IndirectDescriptorError(f"chain at position {start} nests an indirect table")
+            if flags & VIRTQ_DESC_F_WRITE:
+                gather(a, n, writable, True)
+                wlen += n
+                if logging_:
+                    ranges.append((a, n))
+            else:
+                if writable:
+                    raise DescriptorOrderError(
+                        f"chain at position {start}: indirect entry {i} is device-readable "
+                        "after a device-writable one"
+                    )
+                gather(a, n, readable, False)
+                rlen += n
+        return rlen, wlen
+
+    def unpop(self) -> None:
+        """Give back the last popped chain (not yet pushed): the next pop returns it."""
+        if self._last_pop is None:
+            return
+        pos, wrap, buf_id = self._last_pop
+        self._last_pop = None
+        if buf_id not in self._in_flight:
+            return  # already returned: nothing to give back
+        self._next_avail, self._avail_wrap = pos, wrap
+        self._in_flight.pop(buf_id, None)
+        dirty = self._memory.log
+        for addr, length in self._writable_ranges.pop(buf_id, ()):
+            if dirty is not None:
+                dirty.mark(addr, length)
+
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        out: list[DescriptorChain] = []
+        pop = self.pop
+        while len(out) < limit:
+            chain = pop()
+            if chain is None:
+                break
+            out.append(chain)
+        return out
+
+    # --- returning used chains -----------------------------------------------------
+
+    def push_used(self, head: int, written: int) -> None:
+        """Return buffer `head` (its id) with `written` bytes, published at once."""
+        self.push_used_batch([(head, written)])
+
+    def push_used_batch(self, completions: list[tuple[int, int]]) -> None:
+        """Return several buffers. The first one's flags are written last, so the
+        driver sees the batch whole (as the spec recommends)."""
+        ring16 = self._ring16
+        if ring16 is None or not completions:
+            return
+        size = self.size
+        pos, wrap = self._next_used, self._used_wrap
+        first_slot = first_flags = None
+        logging_ = self._memory.log is not None
+        for buf_id, written in completions:
+            count = self._in_flight.pop(buf_id, None)
+            if count is None:
+                raise BufferIdError(f"{self.name}: buffer id {buf_id} is not in flight")
+            base = pos * PACKED_DESC_SIZE
+            PACKED_DESC.pack_into(
+                self._ring, base, 0, written, buf_id, ring16[pos * 8 + FLAGS_U16]
+            )  # the flags are rewritten below: id and len land first
+            flags = _BOTH if wrap else 0
+            if first_slot is None:
+                first_slot, first_flags = pos, flags
+            else:
+                ring16[pos * 8 + FLAGS_U16] = flags
+            if logging_:
+                self._log_completion(buf_id, written, pos)
+            pos += count
+            if pos >= size:
+                pos -= size
+                wrap ^= 1
+        self._next_used, self._used_wrap = pos, wrap
+        ring16[first_slot * 8 + FLAGS_U16] = first_flags
+        if logging_:
+            self._memory.log.signal()
+
+    # --- the dirty log (live migration) ------------------------------------------------
+
+    def _log_completion(self, buf_id: int, written: int, slot: int) -> None:
+        dirty = self._memory.log
+        left = written
+        for addr, length in self._writable_ranges.pop(buf_id, ()) or ():
+            if left <= 0:
+                break
+            n = min(length, left)
+            dirty.mark(addr, n)
+            left -= n
+        dirty.mark(self.log_used + slot * PACKED_DESC_SIZE, PACKED_DESC_SIZE)
+
+    def log_changed(self) -> None:
+        self._writable_ranges.clear()
+
+    # --- notifications ---------------------------------------------------------------
+
+    def needs_notification(self) -> bool:
+        """Should the driver be signalled for what was returned since the last check?"""
+        ev = self._driver_event
+        if ev is None:
+            return False
+        new = (self._next_used, self._used_wrap)
+        old = self._signalled
+        self._signalled = new
+        full_fence()  # our used descriptors must land before we read the driver's wish
+        flags = ev[EVENT_FLAGS]
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx or old is None:
+            return True
+        if old == new:
+            return False
+        # Linux's and DPDK's arithmetic: positions made comparable across a wrap.
+        size = self.size
+        new_idx, old_idx = new[0], old[0]
+        if new_idx <= old_idx:
+            old_idx -= size
+        off_wrap = ev[OFF_WRAP]
+        off = off_wrap & 0x7FFF
+        if (off_wrap >> 15) != self._used_wrap:
+            off -= size
+        return need_event(off & 0xFFFF, new_idx & 0xFFFF, old_idx & 0xFFFF)
+
+    def disable_notification(self) -> None:
+        self._kicks_wanted = False
+        if self._device_event is not None:
+            self._device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_DISABLE
+
+    def enable_notification(self) -> bool:
+        """Ask for kicks again. True if buffers arrived meanwhile: poll once more."""
+        ev = self._device_event
+        self._kicks_wanted = True
+        if ev is None or self._ring is None or self.broken is not None:
+            return False
+        if self.event_idx:
+            ev[OFF_WRAP] = pack_position(self._next_avail, self._avail_wrap)
+            ev[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
+        else:
+            ev[EVENT_FLAGS] = RING_EVENT_FLAGS_ENABLE
+        full_fence()
+        return self._available(self._next_avail, self._avail_wrap)
+
+    # --- the memory map under the rings -------------------------------------------
+
+    def region_added(self, region: MemoryRegion) -> None:
+        if self._ring is None:
+            try:
+                self._map_rings()
+            except QueueConfigError:
+                pass
+
+    def region_removed(self, region: MemoryRegion) -> None:
+        if any(region in p.regions for p in self._pins):
+            self._unmap_rings()
+            try:
+                self._map_rings()
+            except QueueConfigError as e:
+                log.warning(
+                    "%s: rings are no longer in guest memory; idle until they are: %s", self.name, e
+                )
+
+    def _map_rings(self) -> None:
+        pins: list[Pin] = []
+        try:
+            for what, addr, length, write in (
+                ("descriptor ring", self.desc_addr, PACKED_DESC_SIZE * self.size, True),
+                ("driver event area", self.driver_event_addr, EVENT_AREA_SIZE, False),
+                ("device event area", self.device_event_addr, EVENT_AREA_SIZE, True),
+            ):
+                pin = self._memory.pin(addr, length, write=write)
+                pins.append(pin)
+                if len(pin.views) != 1:
+                    raise QueueConfigError(
+                        f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
+                    )
+        except GuestMemoryError as e:
+            for p in pins:
+                p.release()
+            raise QueueConfigError(f"{self.name}: ring is not in guest memory: {e}") from e
+        except QueueConfigError:
+            for p in pins:
+                p.release()
+            raise
+        self._pins = pins
+        self._ring = pins[0].views[0]
+        self._ring16 = u16_view(self._ring)
+        self._driver_event = u16_view(pins[1].views[0])
+        self._device_event = u16_view(pins[2].views[0])
+
+    def _unmap_rings(self) -> None:
+        for view in (self._ring16, self._driver_event, self._device_event):
+            if view is not None:
+                view.release()
+        self._ring = self._ring16 = self._driver_event = self._device_event = None
+        pins, self._pins = self._pins, []
+        for p in pins:
+            p.release()
+
+    def _break(self, error: QueueError) -> None:
+        if self.broken is not None:
+            return
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        self.broken = error
+        log.error("%s: queue broken: %s", self.name, error)
+        if self.on_broken is not None:
+            self.on_broken(error)
+
+    def __repr__(self) -> str:
+        state = f"broken: {self.broken}" if self.broken else ("ready" if self.ready else "idle")
+        return f"PackedQueue({self.name}, size={self.size}, {state})"
