@@ -30,6 +30,7 @@ from pyvhost.errors import InvalidRequestError
 from pyvhost.eventloop import EventLoop
 from pyvhost.memory import GuestMemory
 from pyvhost.virtq import SplitQueue
+from pyvhost.virtq.packed import PackedQueue
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ class RingConfig:
     desc: int  # guest-physical addresses of the three parts
     avail: int
     used: int
-    base: int  # the avail index to serve next (where the previous engine stopped)
+    base: int  # where to serve from: the avail index (split), or 32-bit position (packed)
     memory: GuestMemory
+    packed: bool = False  # VIRTIO_F_RING_PACKED: desc/avail/used are the ring and event areas
     event_idx: bool = False
     indirect: bool = False
     kick_fd: int | None = None
@@ -94,18 +96,33 @@ class ServedRing:
         self.config = config
         self.loop = loop
         self.on_kick = on_kick
-        self.queue = SplitQueue(
-            config.memory,
-            config.size,
-            config.desc,
-            config.avail,
-            config.used,
-            event_idx=config.event_idx,
-            indirect=config.indirect,
-            next_avail=config.base,
-            name=config.name or f"ring {config.index}",
-            log_used=config.log_used,
-        )
+        name = config.name or f"ring {config.index}"
+        if config.packed:
+            self.queue = PackedQueue(
+                config.memory,
+                config.size,
+                config.desc,
+                config.avail,
+                config.used,
+                event_idx=config.event_idx,
+                indirect=config.indirect,
+                base=config.base,
+                name=name,
+                log_used=config.log_used,
+            )
+        else:
+            self.queue = SplitQueue(
+                config.memory,
+                config.size,
+                config.desc,
+                config.avail,
+                config.used,
+                event_idx=config.event_idx,
+                indirect=config.indirect,
+                next_avail=config.base,
+                name=name,
+                log_used=config.log_used,
+            )
         self.queue.on_broken = config.signal_error
         self.notifier = QueueNotifier(self.queue, config.call_fd)
         self._kick_fd: int | None = None
@@ -147,9 +164,9 @@ class ServedRing:
         self.on_kick()
 
     def stop(self) -> int:
-        """Stop serving; returns the avail index to go on from."""
+        """Stop serving; returns where to go on from (GET_VRING_BASE's value)."""
         self.unwatch()
-        base = self.queue.next_avail
+        base = self.queue.vring_base
         self.queue.close()
         return base
 

@@ -83,6 +83,22 @@ def test_the_guest_works_with_device_properties_users_set(lab, properties):
     assert lab.pyvhost.proc.poll() is None
 
 
+@pytest.mark.parametrize(
+    "properties", ["packed=on", "packed=on,event_idx=off,mrg_rxbuf=off,indirect_desc=off"]
+)
+def test_a_guest_on_packed_rings_pings_and_runs_iperf3(lab, properties):
+    lab = lab(device_properties=properties)
+    lab.iperf_server()
+    guest = lab.boot()
+    assert loss(ping(guest, 3)[1]) == 0
+    assert lab.iperf(seconds=2) > 0.01
+    assert lab.iperf(reverse=True, seconds=2) > 0.01
+    stats = lab.stats()
+    assert int(stats["features"], 16) & (1 << 34)  # VIRTIO_F_RING_PACKED negotiated
+    q = stats["queues"]
+    assert q["rx0"]["errors"] == q["tx0"]["errors"] == 0
+
+
 def test_four_queue_pairs_share_the_traffic(lab):
     lab = lab(queues=4, smp=4)
     for port in range(5201, 5205):

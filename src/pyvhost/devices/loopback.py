@@ -20,6 +20,7 @@ from pyvhost.virtq import (
     SplitQueue,
 )
 from pyvhost.virtq.iov import scatter
+from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,17 @@ class LoopbackNet(VirtioDevice):
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_F_RING_PACKED,
             spec.F_MAC,
             spec.F_STATUS,
             spec.F_MRG_RXBUF,
         )
         return sum(1 << b for b in bits)
+
+    def describe_features(self, bits: int) -> str:
+        from pyvhost.devices.net.spec import feature_names
+
+        return feature_names(bits)
 
     def num_queues(self) -> int:
         return 2 * self.queue_pairs

@@ -40,6 +40,8 @@ from pyvhost.virtq import (
     DriverQueue,
     ring_footprint,
 )
+from pyvhost.virtq.packed_driver import PackedDriverQueue, packed_footprint
+from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED, vring_base
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ WANTED_PROTOCOL = mask(
 @dataclass
 class Ring:
     index: int
-    queue: DriverQueue
+    queue: DriverQueue | PackedDriverQueue
     kick: int
     call: int
     err: int
@@ -116,7 +118,10 @@ class NetFrontend:
         features: int | None = None,
         protocol_features: int | None = None,
         use_add_mem_reg: bool = False,
+        packed: bool = False,
     ) -> None:
+        """`packed`: ask for VIRTIO_F_RING_PACKED and drive packed rings if the
+        back-end offers it (`self.packed` says whether it did)."""
         self.client = client
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
@@ -130,6 +135,8 @@ class NetFrontend:
         self.extra_regions: list[tuple[MemoryRegionDesc, GuestRam]] = []
         self.rings: dict[int, Ring] = {}
         self._want_features = WANTED_FEATURES if features is None else features
+        if packed:
+            self._want_features |= 1 << VIRTIO_F_RING_PACKED
         self._want_protocol = WANTED_PROTOCOL if protocol_features is None else protocol_features
         self._use_add_mem_reg = use_add_mem_reg
         self.features = 0
@@ -199,14 +206,22 @@ class NetFrontend:
             self.client.set_mem_table([desc], [self.ram.fd])
 
     @property
+    def packed(self) -> bool:
+        return bool(self.features & (1 << VIRTIO_F_RING_PACKED))
+
+    @property
     def ctrl_index(self) -> int:
         return 2 * self.max_pairs if self.features & (1 << spec.F_MQ) else 2
 
     def _setup_ring(self, index: int) -> None:
         c, size = self.client, self.queue_size
         event_idx = bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX))
-        base = self.ram.alloc(ring_footprint(size), align=4096)
-        q = DriverQueue.layout(self.ram.memory, base, size, event_idx=event_idx)
+        if self.packed:
+            base = self.ram.alloc(packed_footprint(size), align=4096)
+            q = PackedDriverQueue.layout(self.ram.memory, base, size, event_idx=event_idx)
+        else:
+            base = self.ram.alloc(ring_footprint(size), align=4096)
+            q = DriverQueue.layout(self.ram.memory, base, size, event_idx=event_idx)
         if index == self.ctrl_index and self.features & (1 << spec.F_CTRL_VQ):
             slot = 4096
         elif index % 2 == 1:
@@ -218,7 +233,8 @@ class NetFrontend:
         q.kick_fd = ring.kick
         self.rings[index] = ring
         c.set_vring_num(index, size)
-        c.set_vring_base(index, 0)
+        # A packed ring starts at position 0 with both wrap counters 1.
+        c.set_vring_base(index, vring_base(0, 1, 0, 1) if self.packed else 0)
         c.set_vring_addr(
             index,
             FRONTEND_BASE + q.desc_addr,

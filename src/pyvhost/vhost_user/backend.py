@@ -69,6 +69,7 @@ from pyvhost.virtq.layout import (
     VIRTIO_RING_F_INDIRECT_DESC,
     is_valid_queue_size,
 )
+from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class Backend:
         self.acked_features = features
         self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
         self._update_logging()
+        log.info("features acked: %s", self.device.describe_features(features))
 
     def _on_get_protocol_features(self, msg: Message) -> U64:
         return U64(self.offered_protocol_features)
@@ -351,6 +353,10 @@ class Backend:
 
     # --- rings ------------------------------------------------------------------------------
 
+    @property
+    def _packed(self) -> bool:
+        return bool(self.acked_features & (1 << VIRTIO_F_RING_PACKED))
+
     def _vring(self, index: int, msg: Message) -> Vring:
         if not 0 <= index < len(self.vrings):
             raise InvalidRingIndexError(
@@ -362,7 +368,9 @@ class Backend:
     def _on_set_vring_num(self, msg: Message) -> None:
         vring = self._vring(msg.payload.index, msg)
         size = msg.payload.num
-        if not is_valid_queue_size(size):
+        if self._packed and 0 < size <= MAX_QUEUE_SIZE:
+            pass  # a packed ring may have any size up to 32768
+        elif not is_valid_queue_size(size):
             raise InvalidRequestError(
                 f"SET_VRING_NUM: ring {vring.index} size {size} is not a power of two "
                 f"<= {MAX_QUEUE_SIZE}"
@@ -379,9 +387,11 @@ class Backend:
 
     def _on_set_vring_base(self, msg: Message) -> None:
         vring = self._vring(msg.payload.index, msg)
-        if msg.payload.num > 0xFFFF:
+        packed = self._packed
+        if msg.payload.num > (0xFFFF_FFFF if packed else 0xFFFF):
             raise InvalidRequestError(
-                f"SET_VRING_BASE: ring {vring.index} base {msg.payload.num} is not a u16"
+                f"SET_VRING_BASE: ring {vring.index} base {msg.payload.num} is not a "
+                f"{'u32 (packed ring)' if packed else 'u16'}"
             )
         if vring.started:
             raise InvalidRequestError(f"SET_VRING_BASE: ring {vring.index} is running")
@@ -493,6 +503,7 @@ class Backend:
             used,
             vring.base,
             self.memory,
+            packed=self._packed,
             event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
             indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
             kick_fd=vring.kick_fd,
@@ -540,7 +551,10 @@ class Backend:
     def _ring_guest_addresses(self, vring: Vring) -> tuple[GuestAddress, ...]:
         a = vring.addr
         assert a is not None
-        sizes = (16 * vring.size, 6 + 2 * vring.size, 6 + 8 * vring.size)
+        if self._packed:  # the descriptor ring, the driver and device event areas
+            sizes = (16 * vring.size, 4, 4)
+        else:
+            sizes = (16 * vring.size, 6 + 2 * vring.size, 6 + 8 * vring.size)
         out = []
         for what, addr, size in zip(
             ("descriptor", "avail", "used"), (a.desc, a.avail, a.used), sizes, strict=True

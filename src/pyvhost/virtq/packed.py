@@ -21,6 +21,7 @@ the reason, and pop() returns None from then on.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 
 from pyvhost.errors import (
@@ -70,6 +71,7 @@ from pyvhost.virtq.split import DescriptorChain
 log = logging.getLogger(__name__)
 
 _unpack_desc = PACKED_DESC.unpack_from
+_pack_len_id = struct.Struct("<IH").pack_into  # a used descriptor's len and id
 _BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
 
 
@@ -209,8 +211,10 @@ class PackedQueue:
         rlen = wlen = 0
         pos = start
         count = 0
+        want = VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
         while True:
-            if count and not self._available(pos, wrap):
+            addr, length, buf_id, flags = _unpack_desc(ring, pos * PACKED_DESC_SIZE)
+            if count and flags & _BOTH != want:
                 raise WrapCounterError(
                     f"chain at position {start}: descriptor {pos} is not available in this "
                     f"lap (wrap counter {wrap})"
@@ -220,10 +224,10 @@ class PackedQueue:
                 raise ChainTooLongError(
                     f"chain at position {start} has more than {size} descriptors"
                 )
-            addr, length, buf_id, flags = _unpack_desc(ring, pos * PACKED_DESC_SIZE)
             pos += 1
             if pos == size:
                 pos, wrap = 0, wrap ^ 1
+                want ^= _BOTH
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if count != 1 or flags & VIRTQ_DESC_F_NEXT:
                     raise IndirectDescriptorError(
@@ -340,6 +344,7 @@ class PackedQueue:
         """Return several buffers. The first one's flags are written last, so the
         driver sees the batch whole (as the spec recommends)."""
         ring16 = self._ring16
+        ring = self._ring
         if ring16 is None or not completions:
             return
         size = self.size
@@ -350,10 +355,7 @@ class PackedQueue:
             count = self._in_flight.pop(buf_id, None)
             if count is None:
                 raise BufferIdError(f"{self.name}: buffer id {buf_id} is not in flight")
-            base = pos * PACKED_DESC_SIZE
-            PACKED_DESC.pack_into(
-                self._ring, base, 0, written, buf_id, ring16[pos * 8 + FLAGS_U16]
-            )  # the flags are rewritten below: id and len land first
+            _pack_len_id(ring, pos * PACKED_DESC_SIZE + 8, written, buf_id)
             flags = _BOTH if wrap else 0
             if first_slot is None:
                 first_slot, first_flags = pos, flags

@@ -109,6 +109,8 @@ class DescriptorChain:
 class SplitQueue:
     """Device side of one split virtqueue in guest memory."""
 
+    packed = False
+
     def __init__(
         self,
         memory: GuestMemory,
@@ -176,6 +178,11 @@ class SplitQueue:
     @property
     def next_used(self) -> int:
         return self._next_used
+
+    @property
+    def vring_base(self) -> int:
+        """Where to go on from: GET_VRING_BASE's value (the next avail index)."""
+        return self._next_avail
 
     @property
     def ready(self) -> bool:

@@ -28,6 +28,7 @@ from pyvhost.virtq import (
     VIRTIO_RING_F_INDIRECT_DESC,
     SplitQueue,
 )
+from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class VirtioNet(VirtioDevice):
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_F_RING_PACKED,
             spec.F_MAC,
             spec.F_STATUS,
             spec.F_MRG_RXBUF,
