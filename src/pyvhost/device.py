@@ -124,6 +124,10 @@ class ServedRing:
                 log_used=config.log_used,
             )
         self.queue.on_broken = config.signal_error
+        if self.queue.broken is not None:  # broke as it mapped its rings (an IOMMU's say)
+            config.signal_error(self.queue.broken)
+        # Behind an IOMMU: a translation the ring waited for arrived; serve it.
+        self.queue.on_unstall = lambda: loop.call_soon(on_kick)
         self.notifier = QueueNotifier(self.queue, config.call_fd)
         self._kick_fd: int | None = None
         self._polled = False

@@ -67,6 +67,23 @@ class RegionNotFoundError(GuestMemoryError):
     """A removal names a region that is not in the map."""
 
 
+class IotlbMiss(PyvhostError):
+    """An I/O virtual address the device's IOTLB has no entry for (yet).
+
+    Not a guest-memory error: the access waits for the front-end's IOTLB
+    update (asked for with a miss message) and is then retried. `perm` is
+    the access wanted: IOTLB_READ, IOTLB_WRITE or both."""
+
+    def __init__(self, iova: int, perm: int) -> None:
+        self.iova = iova
+        self.perm = perm
+        super().__init__(f"IOTLB miss at I/O virtual address 0x{iova:x} (perm {perm})")
+
+
+class IotlbAccessError(GuestMemoryError):
+    """An I/O virtual address whose IOTLB entry forbids the access (read or write)."""
+
+
 # --- virtqueue ----------------------------------------------------------------
 
 

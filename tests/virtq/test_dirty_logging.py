@@ -155,3 +155,38 @@ def test_a_chain_given_back_unused_is_logged_whole(ram, logged):
     device.unpop()
     assert pages(buf, 2 * LOG_PAGE) <= set(log.dirty_pages())
     assert device.pop().head == chain.head  # and it is served again, as before
+
+
+def test_asking_for_kicks_again_logs_the_used_ring_fields_it_writes(ram, logged):
+    """avail_event (EVENT_IDX) and used.flags are the device's writes too: a
+    migrated guest whose copy missed them would wait for a kick it never asked
+    for, or never get one it did."""
+
+    driver, device, memory, log = logged
+    memory.set_log(log)
+    device.disable_notification()
+    device.enable_notification()
+    flags_page = pages(driver.used_addr, 2)
+    assert flags_page <= set(log.dirty_pages())  # used.flags, without EVENT_IDX
+
+
+def test_a_packed_ring_logs_its_device_event_area(ram):
+    from pyvhost.testing import packed_queue_pair
+
+    memory = ram.map_again()
+    driver, device = packed_queue_pair(ram, 8, device_memory=memory, event_idx=True)
+    size = (ram.guest_base + ram.size) // LOG_PAGE // 8 + 8
+    log = DirtyLog(memfd(size, "dirty-log"), size)
+    memory.set_log(log)
+    try:
+        device.enable_notification()
+        assert pages(driver.used_addr, 4) <= set(log.dirty_pages())  # the device event area
+        buf = ram.alloc(LOG_PAGE, align=LOG_PAGE)
+        driver.add(writable=[(buf, 100)])
+        driver.kick()
+        device.push_used(device.pop().head, 100)
+        assert pages(buf, 100) | pages(driver.desc_addr, 16) <= set(log.dirty_pages())
+    finally:
+        memory.set_log(None)
+        log.close()
+        device.close()

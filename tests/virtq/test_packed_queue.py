@@ -297,3 +297,17 @@ def test_driver_and_device_agree_over_many_laps(size, seed, event_idx):
                 assert written == posted.pop(buf_id)
         assert device.broken is None
         device.close()
+
+
+def test_a_16_bit_base_puts_the_used_position_at_the_avail_one(ram):
+    """DPDK's virtio_user sends SET_VRING_BASE with the avail half only (0x8000
+    for a fresh ring): the used position follows it, as in DPDK's back-end."""
+    driver, device = packed_queue_pair(ram, 8)
+    device.close()
+    fresh = PackedQueue(ram.map_again(), 8, driver.desc_addr, driver.avail_addr,
+                        driver.used_addr, base=0x8000)  # fmt: skip
+    assert fresh.vring_base == vring_base(0, 1, 0, 1)
+    buf_id = driver.add(writable=[(ram.alloc(8), 8)])
+    driver.kick()
+    fresh.push_used(fresh.pop().head, 8)
+    assert driver.used() == [(buf_id, 8)]  # written in the lap the driver reads

@@ -20,6 +20,7 @@ from pyvhost.virtq import (
     SplitQueue,
 )
 from pyvhost.virtq.iov import scatter
+from pyvhost.virtq.layout import VIRTIO_F_ACCESS_PLATFORM
 from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class LoopbackNet(VirtioDevice):
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_F_RING_PACKED,
+            VIRTIO_F_ACCESS_PLATFORM,
             spec.F_MAC,
             spec.F_STATUS,
             spec.F_MRG_RXBUF,

@@ -15,9 +15,12 @@ import time
 from pyvhost.errors import PeerError, TransportError
 from pyvhost.vhost_user.codec import decode_reply, encode
 from pyvhost.vhost_user.messages import (
+    IOTLB_INVALIDATE,
+    IOTLB_UPDATE,
     U64,
     ConfigSpace,
     Empty,
+    IotlbMsg,
     LogBase,
     MemoryRegionDesc,
     MemoryTable,
@@ -130,6 +133,13 @@ class VhostUserClient:
 
     def rem_mem_reg(self, region: MemoryRegionDesc) -> None:
         self.request(R.REM_MEM_REG, SingleRegion(region))
+
+    def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int = 3) -> None:
+        """IOTLB_MSG update: [iova, iova+size) maps to front-end address `uaddr`."""
+        self.request(R.IOTLB_MSG, IotlbMsg(iova, size, uaddr, perm, IOTLB_UPDATE))
+
+    def iotlb_invalidate(self, iova: int, size: int) -> None:
+        self.request(R.IOTLB_MSG, IotlbMsg(iova, size, 0, 0, IOTLB_INVALIDATE))
 
     def set_vring_num(self, index: int, num: int) -> None:
         self.request(R.SET_VRING_NUM, VringState(index, num))

@@ -23,13 +23,15 @@ from pyvhost.devices.net import spec
 from pyvhost.errors import PeerError
 from pyvhost.frontend.client import VhostUserClient, eventfd
 from pyvhost.memory import LOG_PAGE
+from pyvhost.memory.iommu import IOTLB_RW
 from pyvhost.testing import GuestRam
 from pyvhost.testing.memfd import memfd
 from pyvhost.vhost_user.codec import MessageReader, encode
-from pyvhost.vhost_user.messages import U64, MemoryRegionDesc
+from pyvhost.vhost_user.messages import U64, IotlbMsg, MemoryRegionDesc
 from pyvhost.vhost_user.protocol import (
     VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    BackendRequest,
     ProtocolFeature as PF,
     mask,
 )
@@ -40,6 +42,7 @@ from pyvhost.virtq import (
     DriverQueue,
     ring_footprint,
 )
+from pyvhost.virtq.layout import VIRTIO_F_ACCESS_PLATFORM
 from pyvhost.virtq.packed_driver import PackedDriverQueue, packed_footprint
 from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED, vring_base
 
@@ -48,6 +51,9 @@ log = logging.getLogger(__name__)
 # A made-up VMM virtual address for guest address 0: frontend addresses are
 # deliberately unlike guest ones, so a back-end mixing them up fails loudly.
 FRONTEND_BASE = 0x7F00_0000_0000
+# With `iommu`: the device sees guest address A at I/O virtual address IOVA_OFFSET + A.
+IOVA_OFFSET = 0x10_0000_0000
+IOTLB_PAGE = 4096
 # virtio device status bits (virtio 1.x section 2.1)
 STATUS_ACKNOWLEDGE = 1
 STATUS_DRIVER = 2
@@ -119,9 +125,17 @@ class NetFrontend:
         protocol_features: int | None = None,
         use_add_mem_reg: bool = False,
         packed: bool = False,
+        iommu: bool = False,
+        iotlb_prefill: bool = True,
     ) -> None:
         """`packed`: ask for VIRTIO_F_RING_PACKED and drive packed rings if the
-        back-end offers it (`self.packed` says whether it did)."""
+        back-end offers it (`self.packed` says whether it did).
+
+        `iommu`: ask for VIRTIO_F_ACCESS_PLATFORM and play a vIOMMU: the device
+        sees every ring and buffer at I/O virtual address IOVA_OFFSET + guest
+        address. With `iotlb_prefill` the whole RAM is mapped (read-write) at
+        set-up; without, nothing is, and poll_backend_requests() answers each
+        IOTLB miss with the page it asked for (`iotlb_misses` records them)."""
         self.client = client
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
@@ -137,6 +151,11 @@ class NetFrontend:
         self._want_features = WANTED_FEATURES if features is None else features
         if packed:
             self._want_features |= 1 << VIRTIO_F_RING_PACKED
+        if iommu:
+            self._want_features |= 1 << VIRTIO_F_ACCESS_PLATFORM
+        self._iotlb_prefill = iotlb_prefill
+        self.iotlb_misses: list[IotlbMsg] = []
+        self.iotlb_perm = IOTLB_RW  # what answers to misses grant
         self._want_protocol = WANTED_PROTOCOL if protocol_features is None else protocol_features
         self._use_add_mem_reg = use_add_mem_reg
         self.features = 0
@@ -204,6 +223,16 @@ class NetFrontend:
             self.client.add_mem_reg(desc, self.ram.fd)
         else:
             self.client.set_mem_table([desc], [self.ram.fd])
+        if self.iommu and self._iotlb_prefill:
+            self.client.iotlb_update(IOVA_OFFSET, self.ram.size, FRONTEND_BASE, IOTLB_RW)
+
+    @property
+    def iommu(self) -> bool:
+        return bool(self.features & (1 << VIRTIO_F_ACCESS_PLATFORM))
+
+    def dma(self, addr: int) -> int:
+        """The address the device sees for guest address `addr`."""
+        return IOVA_OFFSET + addr if self.iommu else addr
 
     @property
     def packed(self) -> bool:
@@ -235,11 +264,9 @@ class NetFrontend:
         c.set_vring_num(index, size)
         # A packed ring starts at position 0 with both wrap counters 1.
         c.set_vring_base(index, vring_base(0, 1, 0, 1) if self.packed else 0)
+        device_view = self.dma if self.iommu else (lambda a: FRONTEND_BASE + a)
         c.set_vring_addr(
-            index,
-            FRONTEND_BASE + q.desc_addr,
-            FRONTEND_BASE + q.used_addr,
-            FRONTEND_BASE + q.avail_addr,
+            index, device_view(q.desc_addr), device_view(q.used_addr), device_view(q.avail_addr)
         )
         c.set_vring_err(index, ring.err)
         c.set_vring_kick(index, ring.kick)
@@ -303,7 +330,7 @@ class NetFrontend:
         else:
             addr = buffer
         self.ram.memory.write(addr, data)
-        head = ring.queue.add(readable=[(addr, len(data))])
+        head = ring.queue.add(readable=[(self.dma(addr), len(data))])
         ring.inflight[head] = addr if buffer is None else None
         if kick:
             ring.queue.kick()
@@ -334,7 +361,7 @@ class NetFrontend:
         n = len(ring.slots) if count is None else min(count, len(ring.slots))
         for _ in range(n):
             addr = ring.slots.pop()
-            head = ring.queue.add(writable=[(addr, ring.slot_size)])
+            head = ring.queue.add(writable=[(self.dma(addr), ring.slot_size)])
             ring.inflight[head] = addr
         if n:
             ring.queue.kick()
@@ -407,7 +434,9 @@ class NetFrontend:
         cmd_addr, ack_addr = ring.slots.pop(), ring.slots.pop()
         self.ram.memory.write(cmd_addr, bytes([cls, cmd]) + data)
         self.ram.memory.write(ack_addr, b"\xff")
-        head = ring.queue.add(readable=[(cmd_addr, 2 + len(data))], writable=[(ack_addr, 1)])
+        head = ring.queue.add(
+            readable=[(self.dma(cmd_addr), 2 + len(data))], writable=[(self.dma(ack_addr), 1)]
+        )
         ring.inflight[head] = cmd_addr
         ring.queue.kick()
         deadline = time.monotonic() + timeout
@@ -449,10 +478,21 @@ class NetFrontend:
             for frame in self._channel_reader.feed(data):
                 frame.close_fds()
                 got.append(frame.header.request)
+                if frame.header.request == BackendRequest.IOTLB_MSG:
+                    self._answer_iotlb_miss(IotlbMsg.unpack(frame.body))
                 if frame.need_reply:
                     ch.sendall(encode(frame.header.request, U64(status), reply=True))
         self.backend_requests += got
         return got
+
+    def _answer_iotlb_miss(self, miss: IotlbMsg) -> None:
+        """As QEMU does: look the page up in "the vIOMMU" (IOVA_OFFSET + guest
+        address) and send the update, before acking the miss."""
+        self.iotlb_misses.append(miss)
+        page = miss.iova & ~(IOTLB_PAGE - 1)
+        gpa = page - IOVA_OFFSET
+        if 0 <= gpa < self.ram.size:
+            self.client.iotlb_update(page, IOTLB_PAGE, FRONTEND_BASE + gpa, self.iotlb_perm)
 
     def ring_errors(self, index: int) -> int:
         """How often the back-end signalled ring `index`'s error eventfd."""

@@ -75,9 +75,10 @@ class PyvhostProcess:
         if wait and socket_path is not None:
             try:
                 # Not mere existence: a killed predecessor leaves its socket file.
+                # 30 s: a TCG guest (the kernel-datapath tests) starts Python slowly.
                 wait_for(
                     lambda: listening(socket_path) or self.proc.poll() is not None,
-                    10,
+                    30,
                     f"pyvhost to listen on {socket_path}",
                 )
             except BaseException:

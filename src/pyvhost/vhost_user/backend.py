@@ -40,12 +40,19 @@ from pyvhost.memory import (
     RegionSpec,
     logging_supported,
 )
+from pyvhost.memory.iommu import IommuAddressSpace
 from pyvhost.vhost_user.channel import BackendChannel, channel_from
 from pyvhost.vhost_user.codec import REQUESTS, Frame, Message, decode_request, encode, request_name
 from pyvhost.vhost_user.messages import (
+    IOTLB_BATCH_BEGIN,
+    IOTLB_BATCH_END,
+    IOTLB_INVALIDATE,
+    IOTLB_MISS,
+    IOTLB_UPDATE,
     U64,
     ConfigSpace,
     Header,
+    IotlbMsg,
     MemoryRegionDesc,
     VringAddr,
     VringFd,
@@ -65,6 +72,7 @@ from pyvhost.vhost_user.protocol import (
 )
 from pyvhost.virtq.layout import (
     MAX_QUEUE_SIZE,
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     is_valid_queue_size,
@@ -139,6 +147,10 @@ class Backend:
         self.vrings = [Vring(i) for i in range(device.num_queues())]
         self.errors = 0  # requests refused, for tests and stats
         self.channel: BackendChannel | None = None  # SET_BACKEND_REQ_FD's socket
+        # With ACCESS_PLATFORM the rings and buffers are I/O virtual addresses,
+        # translated by this IOTLB; a miss is asked for on the back-end channel.
+        self.iommu = IommuAddressSpace(self.memory)
+        self.iommu.on_miss = self._iotlb_miss
         self.config_refused = False  # the front-end answered a config change with an error
         self.on_config_refused: Callable[[], None] | None = None
         # ADD_MEM_REG references per region: QEMU 7.2 sends the same region once
@@ -215,7 +227,7 @@ class Backend:
         if self.log is not None:
             self.log.close()
             self.log = None
-        for step in (self.device.reset, self.memory.clear):
+        for step in (self.device.reset, self.iommu.close, self.memory.clear):
             try:
                 step()
             except Exception as e:
@@ -352,6 +364,10 @@ class Backend:
         self.memory.remove_region(r.guest_addr, r.size)
 
     # --- rings ------------------------------------------------------------------------------
+
+    @property
+    def _access_platform(self) -> bool:
+        return bool(self.acked_features & (1 << VIRTIO_F_ACCESS_PLATFORM))
 
     @property
     def _packed(self) -> bool:
@@ -494,6 +510,12 @@ class Backend:
             raise InvalidRequestError(
                 f"ring {vring.index} kicked before SET_VRING_NUM and SET_VRING_ADDR"
             )
+        if self._access_platform and self.channel is None:
+            raise InvalidRequestError(
+                f"ring {vring.index}: VIRTIO_F_ACCESS_PLATFORM was negotiated, but without "
+                "the back-end channel (PROTOCOL_F_BACKEND_REQ) pyvhost cannot ask for the "
+                "IOTLB entries it misses"
+            )
         desc, avail, used = self._ring_guest_addresses(vring)
         config = RingConfig(
             vring.index,
@@ -502,7 +524,7 @@ class Backend:
             avail,
             used,
             vring.base,
-            self.memory,
+            self.iommu if self._access_platform else self.memory,
             packed=self._packed,
             event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
             indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
@@ -551,6 +573,10 @@ class Backend:
     def _ring_guest_addresses(self, vring: Vring) -> tuple[GuestAddress, ...]:
         a = vring.addr
         assert a is not None
+        if self._access_platform:
+            # I/O virtual addresses: translated (or missed, and asked for) by the
+            # IOTLB when the ring maps them.
+            return (GuestAddress(a.desc), GuestAddress(a.avail), GuestAddress(a.used))
         if self._packed:  # the descriptor ring, the driver and device event areas
             sizes = (16 * vring.size, 4, 4)
         else:
@@ -641,6 +667,27 @@ class Backend:
         if on != (self.memory.log is not None):
             self.memory.set_log(self.log if on else None)
             log.info("dirty logging %s", "on: live migration" if on else "off")
+
+    # --- the vIOMMU's IOTLB (ACCESS_PLATFORM) -------------------------------------------
+
+    def _on_iotlb_msg(self, msg: Message) -> None:
+        m = msg.payload
+        if not self._access_platform:
+            raise InvalidRequestError(
+                "IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated: there is no IOTLB"
+            )
+        if m.type == IOTLB_UPDATE:
+            self.iommu.update(m.iova, m.size, m.uaddr, m.perm)
+        elif m.type == IOTLB_INVALIDATE:
+            self.iommu.invalidate(m.iova, m.size)
+        elif m.type in (IOTLB_BATCH_BEGIN, IOTLB_BATCH_END):
+            pass  # each update is applied as it comes
+        else:
+            raise InvalidRequestError(f"IOTLB_MSG type {m.type}: not an update or invalidation")
+
+    def _iotlb_miss(self, iova: int, perm: int) -> None:
+        if self.channel is not None:
+            self.channel.send(BackendRequest.IOTLB_MSG, IotlbMsg(iova, 0, 0, perm, IOTLB_MISS))
 
     # --- the back-end's channel ------------------------------------------------------
 

@@ -27,6 +27,7 @@ from pyvhost.vhost_user.messages import (
     ConfigSpace,
     Empty,
     Header,
+    IotlbMsg,
     LogBase,
     MemoryTable,
     Payload,
@@ -90,6 +91,8 @@ REQUESTS: dict[R, RequestSpec] = {
     R.REM_MEM_REG: RequestSpec(SingleRegion, fds=Fds.AT_MOST_ONE, gate=PF.CONFIGURE_MEM_SLOTS),
     R.SET_STATUS: RequestSpec(U64, gate=PF.STATUS),
     R.SET_BACKEND_REQ_FD: RequestSpec(Empty, fds=Fds.ONE, gate=PF.BACKEND_REQ),
+    # With ACCESS_PLATFORM: the vIOMMU's translations (updates, invalidations).
+    R.IOTLB_MSG: RequestSpec(IotlbMsg),
     # With LOG_SHMFD the front-end waits for an answer once the log is mapped.
     R.SET_LOG_BASE: RequestSpec(LogBase, reply=U64, fds=Fds.ONE, gate=PF.LOG_SHMFD),
     R.SET_LOG_FD: RequestSpec(Empty, fds=Fds.ONE),

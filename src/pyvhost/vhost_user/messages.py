@@ -31,6 +31,7 @@ _REGION = struct.Struct("=QQQQ")
 _TABLE_HEAD = struct.Struct("=II")
 _CONFIG_HEAD = struct.Struct("=III")
 _LOG = struct.Struct("=QQ")
+_IOTLB = struct.Struct("=QQQBB6x")  # struct vhost_iotlb_msg, padded to 32 bytes
 
 assert _HEADER.size == HEADER_SIZE
 
@@ -228,6 +229,34 @@ class LogBase:
     def unpack(cls, body: bytes) -> LogBase:
         _exact(body, _LOG.size, "log base")
         return cls(*_LOG.unpack(body))
+
+
+IOTLB_MISS = 1
+IOTLB_UPDATE = 2
+IOTLB_INVALIDATE = 3
+IOTLB_ACCESS_FAIL = 4
+IOTLB_BATCH_BEGIN = 5
+IOTLB_BATCH_END = 6
+
+
+@dataclass(frozen=True)
+class IotlbMsg:
+    """IOTLB_MSG both ways: an I/O virtual address range, the front-end address it
+    maps to (updates), the access (1 read, 2 write, 3 both) and the message type."""
+
+    iova: int
+    size: int
+    uaddr: int
+    perm: int
+    type: int
+
+    def pack(self) -> bytes:
+        return _IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> IotlbMsg:
+        _exact(body, _IOTLB.size, "IOTLB message")
+        return cls(*_IOTLB.unpack(body))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ if sys.byteorder != "little":  # pragma: no cover
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33  # the device sees I/O virtual addresses (an IOMMU)
 
 # Descriptor flags.
 VIRTQ_DESC_F_NEXT = 1

@@ -32,6 +32,8 @@ from pyvhost.errors import (
     DescriptorOrderError,
     GuestMemoryError,
     IndirectDescriptorError,
+    IotlbAccessError,
+    IotlbMiss,
     QueueConfigError,
     QueueError,
     WrapCounterError,
@@ -67,6 +69,7 @@ from pyvhost.virtq.packed_layout import (
     vring_base,
 )
 from pyvhost.virtq.split import DescriptorChain
+from pyvhost.virtq.stall import IotlbStalls
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,8 @@ _pack_len_id = struct.Struct("<IH").pack_into  # a used descriptor's len and id
 _BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
 
 
-class PackedQueue:
-    """Device side of one packed virtqueue in guest memory."""
+class PackedQueue(IotlbStalls):
+    """Device side of one packed virtqueue in guest memory (or behind an IOMMU)."""
 
     packed = True
 
@@ -125,7 +128,13 @@ class PackedQueue:
         if base is None:
             base = vring_base(0, 1, 0, 1)
         self._next_avail, self._avail_wrap = unpack_position(base & 0xFFFF)
-        self._next_used, self._used_wrap = unpack_position(base >> 16)
+        if base >> 16:
+            self._next_used, self._used_wrap = unpack_position(base >> 16)
+        else:
+            # A 16-bit base (DPDK's virtio_user sends one; DPDK's and older
+            # kernels' back-ends read only that): the used position is the
+            # avail one, as in those back-ends.
+            self._next_used, self._used_wrap = self._next_avail, self._avail_wrap
         for what, pos in (("avail", self._next_avail), ("used", self._next_used)):
             if pos >= size:
                 raise QueueConfigError(
@@ -178,7 +187,7 @@ class PackedQueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None (empty, broken, or rings unmapped)."""
-        if self._ring is None or self.broken is not None:
+        if self._ring is None or self.broken is not None or self.stalled is not None:
             return None
         pos, wrap = self._next_avail, self._avail_wrap
         if not self._available(pos, wrap):
@@ -186,6 +195,8 @@ class PackedQueue:
                 return None
         try:
             return self._walk(pos, wrap)
+        except IotlbMiss as e:
+            self._stall(e)  # nothing consumed: taken again once translated
         except QueueError as e:
             self._break(e)
         except GuestMemoryError as e:
@@ -194,9 +205,9 @@ class PackedQueue:
 
     def _rearm(self) -> bool:
         """Empty ring, kicks wanted: ask for a kick at the next position, look again."""
-        ev = self._device_event
-        ev[OFF_WRAP] = pack_position(self._next_avail, self._avail_wrap)
-        ev[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
+        self._set_device_event(
+            pack_position(self._next_avail, self._avail_wrap), RING_EVENT_FLAGS_DESC
+        )
         full_fence()
         return self._available(self._next_avail, self._avail_wrap)
 
@@ -388,6 +399,17 @@ class PackedQueue:
     def log_changed(self) -> None:
         self._writable_ranges.clear()
 
+    def _set_device_event(self, off_wrap: int | None, flags: int) -> None:
+        """Write the device event area (off_wrap first, if given, then flags):
+        guest memory the device writes, so logged while logging."""
+        ev = self._device_event
+        if off_wrap is not None:
+            ev[OFF_WRAP] = off_wrap
+        ev[EVENT_FLAGS] = flags
+        dirty = self._memory.log
+        if dirty is not None:
+            dirty.mark(self.device_event_addr, EVENT_AREA_SIZE)
+
     # --- notifications ---------------------------------------------------------------
 
     def needs_notification(self) -> bool:
@@ -420,25 +442,36 @@ class PackedQueue:
     def disable_notification(self) -> None:
         self._kicks_wanted = False
         if self._device_event is not None:
-            self._device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_DISABLE
+            self._set_device_event(None, RING_EVENT_FLAGS_DISABLE)
 
     def enable_notification(self) -> bool:
         """Ask for kicks again. True if buffers arrived meanwhile: poll once more."""
         ev = self._device_event
         self._kicks_wanted = True
-        if ev is None or self._ring is None or self.broken is not None:
+        if ev is None or self._ring is None or self.broken is not None or self.stalled is not None:
             return False
         if self.event_idx:
-            ev[OFF_WRAP] = pack_position(self._next_avail, self._avail_wrap)
-            ev[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
+            self._set_device_event(
+                pack_position(self._next_avail, self._avail_wrap), RING_EVENT_FLAGS_DESC
+            )
         else:
-            ev[EVENT_FLAGS] = RING_EVENT_FLAGS_ENABLE
+            self._set_device_event(None, RING_EVENT_FLAGS_ENABLE)
         full_fence()
         return self._available(self._next_avail, self._avail_wrap)
 
     # --- the memory map under the rings -------------------------------------------
 
-    def region_added(self, region: MemoryRegion) -> None:
+    def _rings_mapped(self) -> bool:
+        return self._ring is not None
+
+    def _ring_ranges(self) -> list[tuple[int, int]]:
+        return [
+            (self.desc_addr, PACKED_DESC_SIZE * self.size),
+            (self.driver_event_addr, EVENT_AREA_SIZE),
+            (self.device_event_addr, EVENT_AREA_SIZE),
+        ]
+
+    def region_added(self, region: MemoryRegion | None) -> None:
         if self._ring is None:
             try:
                 self._map_rings()
@@ -469,6 +502,16 @@ class PackedQueue:
                     raise QueueConfigError(
                         f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
                     )
+        except IotlbMiss as e:  # behind an IOMMU: idle until translated
+            for p in pins:
+                p.release()
+            self._stall(e)
+            return
+        except IotlbAccessError as e:  # the vIOMMU forbids what a ring needs
+            for p in pins:
+                p.release()
+            self._break(DescriptorMemoryError(f"a ring at its I/O virtual address: {e}"))
+            return
         except GuestMemoryError as e:
             for p in pins:
                 p.release()

@@ -38,6 +38,8 @@ from pyvhost.errors import (
     DescriptorOrderError,
     GuestMemoryError,
     IndirectDescriptorError,
+    IotlbAccessError,
+    IotlbMiss,
     QueueConfigError,
     QueueError,
 )
@@ -68,6 +70,7 @@ from pyvhost.virtq.layout import (
     used_event_offset,
     used_ring_size,
 )
+from pyvhost.virtq.stall import IotlbStalls
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,8 @@ class DescriptorChain:
         )
 
 
-class SplitQueue:
-    """Device side of one split virtqueue in guest memory."""
+class SplitQueue(IotlbStalls):
+    """Device side of one split virtqueue in guest memory (or behind an IOMMU)."""
 
     packed = False
 
@@ -157,10 +160,10 @@ class SplitQueue:
         self._used16: memoryview | None = None  # ... and as u16
         self._used_event = used_event_offset(size) // 2  # in the avail u16 view
         self._avail_event = avail_event_offset(size) // 2  # in the used u16 view
-        self._map_rings()  # raises QueueConfigError if a ring is not in guest memory
         self._next_avail = next_avail & 0xFFFF
         self._shadow_avail = self._next_avail  # avail.idx as last read
-        self._next_used = self._used16[_IDX]
+        self._next_used: int | None = None  # read from the used ring once it is mapped
+        self._map_rings()  # raises QueueConfigError if a ring is not in guest memory
         self._signalled_used: int | None = None  # used idx at the last notify decision
         self._kicks_wanted = True  # until disable_notification(): keep avail_event current
         self.log_used = used_addr if log_used is None else log_used
@@ -202,7 +205,7 @@ class SplitQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None (empty, broken, or rings unmapped)."""
         avail = self._avail
-        if avail is None or self.broken is not None:
+        if avail is None or self.broken is not None or self.stalled is not None:
             return None
         na = self._next_avail
         if na == self._shadow_avail:
@@ -223,6 +226,9 @@ class SplitQueue:
         self._next_avail = (na + 1) & 0xFFFF
         try:
             return self._walk(head)
+        except IotlbMiss as e:
+            self._next_avail = na  # taken again once the translation arrives
+            self._stall(e)
         except QueueError as e:
             self._break(e)
         except GuestMemoryError as e:
@@ -232,7 +238,7 @@ class SplitQueue:
     def _rearm(self, na: int) -> bool:
         """Empty ring, kicks wanted: ask for a kick at the next entry (as QEMU's
         virtqueue_pop does), then look again. True if entries arrived meanwhile."""
-        self._used16[self._avail_event] = na
+        self._set_used_field(self._avail_event, na)
         full_fence()
         return self._avail[_IDX] != na
 
@@ -397,6 +403,14 @@ class SplitQueue:
 
     # --- the dirty log (live migration) ------------------------------------------------
 
+    def _set_used_field(self, index: int, value: int) -> None:
+        """Write used.flags or avail_event (u16 `index` of the used ring): the
+        device's writes to guest memory, so logged like the rest while logging."""
+        self._used16[index] = value
+        dirty = self._memory.log
+        if dirty is not None:
+            dirty.mark(self.log_used + 2 * index, 2)
+
     def _log_completion(self, head: int, written: int, slot: int) -> None:
         """Log what the device wrote for chain `head` (its first `written` bytes
         of writable buffers) and the used element that returns it."""
@@ -458,7 +472,7 @@ class SplitQueue:
         """Ask the driver not to kick while we are polling anyway."""
         self._kicks_wanted = False
         if self._used16 is not None and not self.event_idx:
-            self._used16[_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
+            self._set_used_field(_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
         # With EVENT_IDX, leaving avail_event behind has the same effect.
 
     def enable_notification(self) -> bool:
@@ -466,18 +480,28 @@ class SplitQueue:
         used = self._used16
         avail = self._avail
         self._kicks_wanted = True
-        if used is None or avail is None or self.broken is not None:
+        if used is None or avail is None or self.broken is not None or self.stalled is not None:
             return False
         if self.event_idx:
-            used[self._avail_event] = self._next_avail
+            self._set_used_field(self._avail_event, self._next_avail)
         else:
-            used[_FLAGS] = 0
+            self._set_used_field(_FLAGS, 0)
         full_fence()  # publish our request before re-reading avail.idx
         return avail[_IDX] != self._next_avail
 
     # --- the memory map under the rings -------------------------------------------
 
-    def region_added(self, region: MemoryRegion) -> None:
+    def _rings_mapped(self) -> bool:
+        return self._avail is not None
+
+    def _ring_ranges(self) -> list[tuple[int, int]]:
+        return [
+            (self.desc_addr, desc_table_size(self.size)),
+            (self.avail_addr, avail_ring_size(self.size)),
+            (self.used_addr, used_ring_size(self.size)),
+        ]
+
+    def region_added(self, region: MemoryRegion | None) -> None:
         if self._avail is None:
             try:
                 self._map_rings()
@@ -508,6 +532,16 @@ class SplitQueue:
                     raise QueueConfigError(
                         f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
                     )
+        except IotlbMiss as e:  # behind an IOMMU: idle until translated
+            for p in pins:
+                p.release()
+            self._stall(e)
+            return
+        except IotlbAccessError as e:  # the vIOMMU forbids what a ring needs
+            for p in pins:
+                p.release()
+            self._break(DescriptorMemoryError(f"a ring at its I/O virtual address: {e}"))
+            return
         except GuestMemoryError as e:
             for p in pins:
                 p.release()
@@ -520,6 +554,8 @@ class SplitQueue:
         self._desc, avail, self._used = (p.views[0] for p in pins)
         self._avail = u16_view(avail)
         self._used16 = u16_view(self._used)
+        if self._next_used is None:  # first mapped: go on from the ring's used.idx
+            self._next_used = self._used16[_IDX]
 
     def _unmap_rings(self) -> None:
         for view in (self._avail, self._used16):

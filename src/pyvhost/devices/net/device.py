@@ -28,6 +28,7 @@ from pyvhost.virtq import (
     VIRTIO_RING_F_INDIRECT_DESC,
     SplitQueue,
 )
+from pyvhost.virtq.layout import VIRTIO_F_ACCESS_PLATFORM
 from pyvhost.virtq.packed_layout import VIRTIO_F_RING_PACKED
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class VirtioNet(VirtioDevice):
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_F_RING_PACKED,
+            VIRTIO_F_ACCESS_PLATFORM,
             spec.F_MAC,
             spec.F_STATUS,
             spec.F_MRG_RXBUF,
@@ -258,6 +260,9 @@ class VirtioNet(VirtioDevice):
         features = sum(_bit(b) for b in bits)
         for k in self.kernel_pairs:  # only what both datapaths can serve
             features &= ~kernel_mask(k.supported)
+        if self.kernel_pairs:
+            # The kernel datapath is not given the IOTLB: no device behind an IOMMU.
+            features &= ~_bit(VIRTIO_F_ACCESS_PLATFORM)
         return features
 
     def describe_features(self, bits: int) -> str:
