@@ -110,6 +110,18 @@ def test_unpop_gives_the_last_chain_back(ram):
     assert (first.head, again.head) == tuple(ids)
 
 
+def test_several_chains_given_back_come_again_in_order(ram):
+    """As the RX path does when a merged frame finds too few buffers."""
+    driver, device = packed_queue_pair(ram, 8)
+    ids = [driver.add(writable=[(ram.alloc(8), 8)] * n) for n in (1, 2, 1)]
+    driver.kick()
+    device.pop_batch(3)
+    for _ in range(3):
+        device.unpop()
+    assert device.in_flight == 0
+    assert [c.head for c in device.pop_batch(3)] == ids
+
+
 def test_a_queue_restarted_from_its_vring_base_goes_on_where_it_stopped(ram):
     driver, device = packed_queue_pair(ram, 4)
     for _ in range(3):  # into the second lap

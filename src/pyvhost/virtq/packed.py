@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable
 
 from pyvhost.errors import (
@@ -141,7 +142,9 @@ class PackedQueue(IotlbStalls):
                     f"{name}: base 0x{base:08x}: {what} position {pos} is past a ring of {size}"
                 )
         self._in_flight: dict[int, int] = {}  # buffer id -> descriptors it took
-        self._last_pop: tuple[int, int, int] | None = None  # (position, wrap, id), for unpop
+        # (position, wrap, id) of recent pops, newest last: unpop() gives them
+        # back in reverse order (a device may return several unused chains).
+        self._pops: deque[tuple[int, int, int]] = deque(maxlen=size)
         self._signalled: tuple[int, int] | None = None  # used position at the last decision
         self._kicks_wanted = True
         self.log_used = desc_addr if log_used is None else log_used
@@ -272,7 +275,7 @@ class PackedQueue(IotlbStalls):
             )
         if rlen + wlen > MAX_CHAIN_BYTES:
             raise ChainLengthError(f"chain at position {start} spans {rlen + wlen} bytes")
-        self._last_pop = (start, self._avail_wrap, buf_id)
+        self._pops.append((start, self._avail_wrap, buf_id))
         self._next_avail, self._avail_wrap = pos, wrap
         self._in_flight[buf_id] = count
         if logging_:
@@ -321,11 +324,11 @@ class PackedQueue(IotlbStalls):
         return rlen, wlen
 
     def unpop(self) -> None:
-        """Give back the last popped chain (not yet pushed): the next pop returns it."""
-        if self._last_pop is None:
+        """Give back the last popped chain (not yet pushed): the next pop returns
+        it. Repeated, it gives back the ones before it, newest first."""
+        if not self._pops:
             return
-        pos, wrap, buf_id = self._last_pop
-        self._last_pop = None
+        pos, wrap, buf_id = self._pops.pop()
         if buf_id not in self._in_flight:
             return  # already returned: nothing to give back
         self._next_avail, self._avail_wrap = pos, wrap
@@ -458,6 +461,31 @@ class PackedQueue(IotlbStalls):
             self._set_device_event(None, RING_EVENT_FLAGS_ENABLE)
         full_fence()
         return self._available(self._next_avail, self._avail_wrap)
+
+    def enable_notification_for_more(self) -> bool:
+        """Ask for a kick when the driver makes more descriptors available than
+        it has now. True if more arrived meanwhile."""
+        self._kicks_wanted = True
+        if self._device_event is None or self._ring is None or self.broken is not None:
+            return False
+        if self.stalled is not None:
+            return False
+        end = self._available_end()
+        # Kick me at every descriptor made available: the next one is past the
+        # ones there, which may be anywhere in the lap.
+        self._set_device_event(None, RING_EVENT_FLAGS_ENABLE)
+        full_fence()
+        return self._available_end() != end
+
+    def _available_end(self) -> int:
+        """How many descriptors from next_avail on the driver has made available."""
+        pos, wrap, n = self._next_avail, self._avail_wrap, 0
+        while n < self.size and self._available(pos, wrap):
+            n += 1
+            pos += 1
+            if pos == self.size:
+                pos, wrap = 0, wrap ^ 1
+        return n
 
     # --- the memory map under the rings -------------------------------------------
 

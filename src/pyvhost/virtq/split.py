@@ -489,6 +489,23 @@ class SplitQueue(IotlbStalls):
         full_fence()  # publish our request before re-reading avail.idx
         return avail[_IDX] != self._next_avail
 
+    def enable_notification_for_more(self) -> bool:
+        """Ask for a kick when the driver makes more chains available than it
+        has now (a frame waits for more room than the chains there give).
+        True if more arrived meanwhile."""
+        used = self._used16
+        avail = self._avail
+        self._kicks_wanted = True
+        if used is None or avail is None or self.broken is not None or self.stalled is not None:
+            return False
+        idx = avail[_IDX]
+        if self.event_idx:
+            self._set_used_field(self._avail_event, idx)  # the entry after the last one there
+        else:
+            self._set_used_field(_FLAGS, 0)
+        full_fence()
+        return avail[_IDX] != idx
+
     # --- the memory map under the rings -------------------------------------------
 
     def _rings_mapped(self) -> bool:

@@ -508,7 +508,7 @@ class QueuePair:
                 frame[room:] = overflow
                 self._pending = bytes(frame)
                 q.unpop()
-                self._starve(q)
+                self._starve_for_more(q)
                 break
         self._flush_rx(q, done)
         if self._push:
@@ -550,7 +550,7 @@ class QueuePair:
             self.rx_counters.bytes += room - self.hdr_size
         elif not self._place_merged(q, first, room, frame[room:], done):
             q.unpop()
-            self._starve(q)
+            self._starve_for_more(q)
             return False
         self._pending = None
         return True
@@ -562,6 +562,18 @@ class QueuePair:
             # (a host side that pushes frames is woken as if it were one).
             if self._push:
                 self._wake()
+            return
+        self.rx_starved = True
+        self._update_reading()
+
+    def _starve_for_more(self, q: SplitQueue) -> None:
+        """A frame waits for more RX buffers than the guest has posted: ask for a
+        kick when it posts more (not at the first one there, already passed), and
+        stop reading the TAP meanwhile. The TAP's fd cannot bring us back: the
+        frame is ours, not the TAP's."""
+        if q.enable_notification_for_more():
+            with self.loop.owned_by(self._rx_owner):
+                self.loop.call_soon(self.process_tap_rx_event)
             return
         self.rx_starved = True
         self._update_reading()
