@@ -612,6 +612,7 @@ def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.net_commands import NetCommands
     from pyvhost.stats import format_table
     from pyvhost.vhost_user.daemon import Daemon
+    from pyvhost.virtq.layout import VIRTIO_F_ACCESS_PLATFORM
 
     if args.print_capabilities:
         return print_capabilities()
@@ -663,7 +664,13 @@ def cmd_net(args: argparse.Namespace) -> int:
         daemon = served = Daemon(device, endpoint.path, client=args.client, sock=endpoint.sock)
         endpoint.sock = None  # the daemon's now
 
-        commands = NetCommands(device, netdev.ifname, endpoint.path, lambda: served.sessions)
+        def iotlb() -> dict | None:
+            backend = served.backend
+            if backend is None or not backend.acked_features & (1 << VIRTIO_F_ACCESS_PLATFORM):
+                return None
+            return backend.iommu.stats()
+
+        commands = NetCommands(device, netdev.ifname, endpoint.path, lambda: served.sessions, iotlb)
         snapshot = commands.stats
         for spec in args.hook or []:
             port, _, hook = spec.partition("=")

@@ -19,11 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class NetCommands:
-    def __init__(self, device: VirtioNet, interface: str, socket: str, sessions) -> None:
+    def __init__(
+        self, device: VirtioNet, interface: str, socket: str, sessions, iotlb=lambda: None
+    ) -> None:
         self.device = device
         self.interface = interface
         self.socket = socket
         self.sessions = sessions  # () -> the daemon's session count
+        self.iotlb = iotlb  # () -> the session's IOTLB counters, or None
 
     def handlers(self) -> dict:
         return {
@@ -41,6 +44,7 @@ class NetCommands:
             "socket": self.socket,
             "sessions": self.sessions(),
             "features": f"0x{d.acked_features:x}",
+            "iotlb": self.iotlb(),
             "datapaths": d.datapaths(),
             "hooks": {p.port_name: [h.spec for h in p.hooks] for p in d.pairs if p.hooks},
             "queues": {name: c.as_dict() for name, c in d.counters().items()},

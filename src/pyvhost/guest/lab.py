@@ -45,7 +45,9 @@ class Lab:
         workdir: str | None = None,
         pyvhost_taskset: str | None = None,
         qemu_taskset: str | None = None,
+        qemu_args: list[str] | None = None,
     ) -> None:
+        """`qemu_args`: more QEMU arguments (e.g. a machine type and a vIOMMU)."""
         self.queues = queues
         self.smp = smp
         self.accel = accel
@@ -57,6 +59,7 @@ class Lab:
         self.image = image
         self.pyvhost_taskset = pyvhost_taskset
         self.qemu_taskset = qemu_taskset
+        self.qemu_args = list(qemu_args or [])
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="pyvhost-lab-")
         self.workdir = workdir or self._tmp.name
         self.socket = os.path.join(self.workdir, "vhost.sock")
@@ -118,7 +121,7 @@ class Lab:
                          host_mtu=self.host_mtu, properties=self.device_properties)  # fmt: skip
         opts = VmOptions(nic, self.image, accel=self.accel, smp=self.smp,
                          ip=f"{GUEST_IP}/{PREFIX}", extra_append=extra_append,
-                         taskset=self.qemu_taskset)  # fmt: skip
+                         taskset=self.qemu_taskset, extra_args=self.qemu_args)  # fmt: skip
         self.guest = Guest(opts, log_path or os.path.join(self.workdir, "guest.log"))
         self.guest.wait_ready()
         return self.guest

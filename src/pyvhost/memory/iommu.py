@@ -68,6 +68,8 @@ class IommuAddressSpace:
         self._listeners: list = []
         self.on_miss: Callable[[int, int], None] | None = None  # (iova, perm): ask the VMM
         self.misses = 0
+        self.updates = 0
+        self.invalidations = 0
         memory.add_listener(self)
 
     # --- the IOTLB, as the front-end fills it ---------------------------------------
@@ -90,6 +92,7 @@ class IommuAddressSpace:
         i = bisect.bisect_left(self._starts, iova)
         self._starts.insert(i, iova)
         self._entries.insert(i, IotlbEntry(iova, size, guest, perm))
+        self.updates += 1
         for listener in list(self._listeners):
             listener.iotlb_updated(iova, size)
 
@@ -98,8 +101,17 @@ class IommuAddressSpace:
         if size <= 0:
             return
         self._remove(iova, size)
+        self.invalidations += 1
         for listener in list(self._listeners):
             listener.iotlb_invalidated(iova, size)
+
+    def stats(self) -> dict:
+        return {
+            "entries": len(self._entries),
+            "misses": self.misses,
+            "updates": self.updates,
+            "invalidations": self.invalidations,
+        }
 
     def clear(self) -> None:
         self._starts.clear()
