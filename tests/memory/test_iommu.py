@@ -141,3 +141,29 @@ def test_an_invalidation_under_a_ring_stops_it_until_it_is_mapped_again(ram):
     assert queue.ready and queue.pop() is not None
     queue.close()
     space.close()
+
+
+def test_a_ring_contiguous_in_iovas_but_scattered_in_guest_memory_is_one_view(ram, space):
+    """Linux allocates a ring page by page when an IOMMU makes it contiguous: the
+    ring's pin is an alias mapping of those pages, in IOVA order, both ways."""
+    a, b = 0x5000, 0x2000  # IOVA page 0 -> guest 0x5000, page 1 -> guest 0x2000
+    ram.memory.write(a, b"A" * 4096)
+    ram.memory.write(b, b"B" * 4096)
+    space.update(IOVA, 0x1000, frontend(ram, a), IOTLB_RW)
+    space.update(IOVA + 0x1000, 0x1000, frontend(ram, b), IOTLB_RW)
+    pin = space.pin(IOVA + 0x800, 0x1000, write=True)
+    view = pin.views[0]
+    assert bytes(view[:0x800]) == b"A" * 0x800 and bytes(view[0x800:]) == b"B" * 0x800
+    view[0x7FF:0x801] = b"xy"  # across the seam
+    assert ram.memory.read(a + 0xFFF, 1) == b"x" and ram.memory.read(b, 1) == b"y"
+    pin.release()
+    assert pin.released
+
+
+def test_a_scattered_range_that_is_not_whole_pages_is_refused(ram, space):
+    from pyvhost.errors import NotContiguousError
+
+    space.update(IOVA, 0x800, frontend(ram, 0x5000), IOTLB_RW)
+    space.update(IOVA + 0x800, 0x800, frontend(ram, 0x2000), IOTLB_RW)
+    with pytest.raises(NotContiguousError):
+        space.pin(IOVA, 0x1000)

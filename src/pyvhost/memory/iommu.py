@@ -36,6 +36,7 @@ from pyvhost.errors import (
     IotlbMiss,
     NotContiguousError,
 )
+from pyvhost.memory.alias import PAGE, AliasMapping
 from pyvhost.memory.guest_memory import GuestMemory, Pin
 from pyvhost.memory.region import MemoryRegion
 
@@ -192,14 +193,32 @@ class IommuAddressSpace:
         return views[0]
 
     def pin(self, addr: int, length: int, write: bool = False) -> Pin:
-        """Pin the guest memory under [addr, addr+length): it must be one guest
-        range (a ring), which holds for one IOTLB entry or adjacent ones."""
+        """Pin the guest memory under [addr, addr+length) (a ring) as one view:
+        the guest's own mapping where the range is contiguous in guest memory,
+        else an alias mapping of its pages in IOVA order."""
         ranges = self.to_guest(addr, length, write)
-        start = ranges[0][0]
-        for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False):
-            if a + n != b:
+        if all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False)):
+            return self.memory.pin(ranges[0][0], length, write)
+        return self._alias_pin(addr, length, ranges, write)
+
+    def _alias_pin(self, addr: int, length: int, ranges, write: bool) -> Pin:
+        pages: list[tuple[int, int]] = []
+        regions: list[MemoryRegion] = []
+        for gpa, n in ranges:
+            region = self.memory.find_region(gpa)
+            if gpa + n > region.end:
                 raise NotContiguousError(addr, length)
-        return self.memory.pin(start, length, write)
+            if write and region.readonly:
+                raise IotlbAccessError(f"ring at I/O virtual address 0x{addr:x}: read-only memory")
+            first = gpa & ~(PAGE - 1)
+            last = (gpa + n + PAGE - 1) & ~(PAGE - 1)
+            if (pages and first != gpa) or (len(pages) < len(ranges) - 1 and last != gpa + n):
+                raise NotContiguousError(addr, length)  # only whole pages can be stitched
+            host = region.host_address + (first - region.start)
+            pages.append((host, (last - first) // PAGE))
+            regions.append(region)
+        alias = AliasMapping(pages, ranges[0][0] & (PAGE - 1), length)
+        return _AliasPin(addr, length, alias, regions)
 
     def read(self, addr: int, length: int) -> bytes:
         return b"".join(bytes(v) for v in self.translate(addr, length))
@@ -243,6 +262,22 @@ class IommuAddressSpace:
         except ValueError:
             pass
         self.clear()
+
+
+class _AliasPin(Pin):
+    """A Pin whose one view is an alias mapping, unmapped when released."""
+
+    __slots__ = ("_alias",)
+
+    def __init__(self, addr: int, length: int, alias: AliasMapping, regions) -> None:
+        super().__init__(addr, length, [alias.view], regions)
+        self._alias = alias
+
+    def release(self) -> None:
+        super().release()  # the view first: nothing may point into the alias
+        if self._alias is not None:
+            self._alias.close()
+            self._alias = None
 
 
 class _IovaLog:
