@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pyvhost.errors import IotlbAccessError, IotlbMiss
 from pyvhost.memory.iommu import IOTLB_READ, IOTLB_RW, IOTLB_WRITE, IommuAddressSpace
@@ -167,3 +168,91 @@ def test_a_scattered_range_that_is_not_whole_pages_is_refused(ram, space):
     space.update(IOVA + 0x800, 0x800, frontend(ram, 0x2000), IOTLB_RW)
     with pytest.raises(NotContiguousError):
         space.pin(IOVA, 0x1000)
+
+
+def test_a_chain_in_flight_keeps_its_buffers_through_an_invalidation(ram):
+    """The views a chain was popped with stay the guest's memory until it is
+    returned; the next chain at the revoked IOVA is not read: it waits."""
+    memory = ram.map_again()
+    space = IommuAddressSpace(memory)
+    driver, plain = queue_pair(ram, 8)
+    plain.close()
+    space.update(IOVA, ram.size, frontend(ram, 0), IOTLB_RW)
+    queue = SplitQueue(space, 8, IOVA + driver.desc_addr, IOVA + driver.avail_addr,
+                       IOVA + driver.used_addr)  # fmt: skip
+    buf = ram.alloc(4096, align=4096)
+    driver.add(writable=[(IOVA + buf, 64)])
+    driver.kick()
+    chain = queue.pop()
+    space.invalidate(IOVA + buf, 4096)  # the guest unmaps the buffer mid-flight
+    chain.writable[0][:5] = b"still"
+    queue.push_used(chain.head, 5)
+    assert driver.used() == [(chain.head, 5)] and ram.memory.read(buf, 5) == b"still"
+    driver.add(writable=[(IOVA + buf, 64)])  # posted again at the revoked IOVA
+    driver.kick()
+    assert queue.pop() is None and queue.stalled.iova == IOVA + buf  # not read: asked for
+    queue.close()
+    space.close()
+
+
+def test_a_device_write_into_a_read_only_iova_breaks_the_queue_and_writes_nothing(ram):
+    memory = ram.map_again()
+    space = IommuAddressSpace(memory)
+    driver, plain = queue_pair(ram, 8)
+    plain.close()
+    buf = ram.alloc(4096, align=4096)
+    space.update(IOVA, ram.size, frontend(ram, 0), IOTLB_RW)
+    space.update(IOVA + buf, 4096, frontend(ram, buf), IOTLB_READ)  # this page read-only
+    queue = SplitQueue(space, 8, IOVA + driver.desc_addr, IOVA + driver.avail_addr,
+                       IOVA + driver.used_addr)  # fmt: skip
+    ram.memory.write(buf, b"guest's")
+    driver.add(writable=[(IOVA + buf, 64)])
+    driver.kick()
+    assert queue.pop() is None
+    assert "allows read only, not write" in str(queue.broken)
+    assert ram.memory.read(buf, 7) == b"guest's"  # the device wrote nothing
+    queue.close()
+    space.close()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),  # update (True) or invalidate
+            st.integers(0, 31),  # first IOVA page
+            st.integers(1, 8),  # pages
+            st.integers(0, 200),  # guest page (updates)
+            st.sampled_from([IOTLB_READ, IOTLB_WRITE, IOTLB_RW]),
+        ),
+        max_size=30,
+    )
+)
+def test_the_iotlb_translates_as_a_page_by_page_reference_model(ops):
+    with GuestRam(1 << 20) as ram:
+        space = IommuAddressSpace(ram.map_again())
+        model: dict[int, tuple[int, int]] = {}  # IOVA page -> (guest page, perm)
+        for update, page, pages, gpage, perm in ops:
+            iova, size = IOVA + page * 0x1000, pages * 0x1000
+            if update:
+                space.update(iova, size, frontend(ram, gpage * 0x1000), perm)
+                for i in range(pages):
+                    model[page + i] = (gpage + i, perm)
+            else:
+                space.invalidate(iova, size)
+                for i in range(pages):
+                    model.pop(page + i, None)
+        for page in range(40):
+            iova = IOVA + page * 0x1000 + 123
+            if page not in model:
+                with pytest.raises(IotlbMiss):
+                    space.to_guest(iova, 1)
+                continue
+            gpage, perm = model[page]
+            for write, bit in ((False, IOTLB_READ), (True, IOTLB_WRITE)):
+                if perm & bit:
+                    assert space.to_guest(iova, 1, write) == [(gpage * 0x1000 + 123, 1)]
+                else:
+                    with pytest.raises(IotlbAccessError):
+                        space.to_guest(iova, 1, write)
+        space.close()
