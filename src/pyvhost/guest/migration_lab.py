@@ -119,7 +119,8 @@ class MigrationLab:
                      *self.pyvhost_args], side.socket)  # fmt: skip
                 ns.adopt(side.ifname, ipv6=False)
                 ns.ip("link", "set", "dev", side.ifname, "master", self.bridge)
-                side.idle_fds = side.pyvhost.fds()
+                # Once settled: moving the TAP makes the link watcher reopen its socket.
+                side.idle_fds = side.pyvhost.settled_fds()
         except BaseException:
             self.close()
             raise
