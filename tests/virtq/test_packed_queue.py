@@ -323,3 +323,18 @@ def test_a_16_bit_base_puts_the_used_position_at_the_avail_one(ram):
     driver.kick()
     fresh.push_used(fresh.pop().head, 8)
     assert driver.used() == [(buf_id, 8)]  # written in the lap the driver reads
+
+
+def test_a_ring_in_use_started_afresh_is_called_out(ram, caplog):
+    """QEMU restarts a packed ring at position 0 after a back-end crash; the
+    ring's first slot says it was in use, and pyvhost says it cannot resume."""
+    driver, device = packed_queue_pair(ram, 4)
+    driver.add(writable=[(ram.alloc(8), 8)])
+    driver.kick()
+    device.push_used(device.pop().head, 8)
+    device.close()
+    again = PackedQueue(ram.map_again(), 4, driver.desc_addr, driver.avail_addr,
+                        driver.used_addr, base=vring_base(0, 1, 0, 1))  # fmt: skip
+    assert again.restarted_blind and "lost its position" in caplog.text
+    fresh_driver, fresh = packed_queue_pair(ram, 4)
+    assert not fresh.restarted_blind

@@ -83,6 +83,7 @@ class PackedQueue(IotlbStalls):
     """Device side of one packed virtqueue in guest memory (or behind an IOMMU)."""
 
     packed = True
+    restarted_blind = False  # started afresh on a ring already in use (see below)
 
     def __init__(
         self,
@@ -151,6 +152,22 @@ class PackedQueue(IotlbStalls):
         self._writable_ranges: dict[int, list[tuple[int, int]]] = {}
         self._map_rings()
         memory.add_listener(self)
+        if self._ring16 is not None and (self._next_avail, self._avail_wrap) == (0, 1):
+            self._warn_if_used_before()
+
+    def _warn_if_used_before(self) -> None:
+        """A ring told to start afresh whose first slot already holds a used
+        descriptor was in use: its front-end lost its position. QEMU does that
+        to packed rings after a back-end crash (it cannot ask where they were),
+        and such a ring cannot resume; say so rather than sit silent."""
+        if self._ring16[FLAGS_U16] & _BOTH == _BOTH:
+            self.restarted_blind = True
+            log.warning(
+                "%s: started at position 0, but the ring was in use: the front-end lost "
+                "its position (QEMU restarts packed rings blind after a back-end crash); "
+                "it will not resume until the guest resets the device",
+                self.name,
+            )
 
     # --- state the vhost-user layer reads and sets ------------------------------
 
