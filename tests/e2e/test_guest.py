@@ -118,8 +118,10 @@ def test_a_guest_behind_a_viommu_pings_and_runs_iperf3(lab, ring):
     _, dmesg = guest.run("dmesg | grep -c 'DMAR: IOMMU enabled'", check=False)
     assert dmesg.strip().endswith("1")  # the guest does use its IOMMU
     assert loss(ping(guest, 3)[1]) == 0
-    assert lab.iperf(seconds=2) > 0.01
-    assert lab.iperf(reverse=True, seconds=2) > 0.01
+    # Nearly every packet costs an IOTLB round trip (BENCHMARKS.md): a few
+    # Mbit/s under TCG. This checks that traffic flows, not how fast.
+    assert lab.iperf(seconds=2) > 0.001
+    assert lab.iperf(reverse=True, seconds=2) > 0.001
     stats = lab.stats()
     assert int(stats["features"], 16) & (1 << 33)  # VIRTIO_F_ACCESS_PLATFORM
     assert stats["iotlb"]["misses"] > 0 and stats["iotlb"]["updates"] > 0, stats["iotlb"]
