@@ -33,7 +33,6 @@ from pyvhost.errors import (
     DescriptorOrderError,
     GuestMemoryError,
     IndirectDescriptorError,
-    IotlbAccessError,
     IotlbMiss,
     QueueConfigError,
     QueueError,
@@ -534,37 +533,16 @@ class PackedQueue(IotlbStalls):
                 )
 
     def _map_rings(self) -> None:
-        pins: list[Pin] = []
-        try:
-            for what, addr, length, write in (
+        pins = self._pin_rings(
+            self._memory,
+            (
                 ("descriptor ring", self.desc_addr, PACKED_DESC_SIZE * self.size, True),
                 ("driver event area", self.driver_event_addr, EVENT_AREA_SIZE, False),
                 ("device event area", self.device_event_addr, EVENT_AREA_SIZE, True),
-            ):
-                pin = self._memory.pin(addr, length, write=write)
-                pins.append(pin)
-                if len(pin.views) != 1:
-                    raise QueueConfigError(
-                        f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
-                    )
-        except IotlbMiss as e:  # behind an IOMMU: idle until translated
-            for p in pins:
-                p.release()
-            self._stall(e)
+            ),
+        )
+        if pins is None:
             return
-        except IotlbAccessError as e:  # the vIOMMU forbids what a ring needs
-            for p in pins:
-                p.release()
-            self._break(DescriptorMemoryError(f"a ring at its I/O virtual address: {e}"))
-            return
-        except GuestMemoryError as e:
-            for p in pins:
-                p.release()
-            raise QueueConfigError(f"{self.name}: ring is not in guest memory: {e}") from e
-        except QueueConfigError:
-            for p in pins:
-                p.release()
-            raise
         self._pins = pins
         self._ring = pins[0].views[0]
         self._ring16 = u16_view(self._ring)

@@ -38,7 +38,6 @@ from pyvhost.errors import (
     DescriptorOrderError,
     GuestMemoryError,
     IndirectDescriptorError,
-    IotlbAccessError,
     IotlbMiss,
     QueueConfigError,
     QueueError,
@@ -536,37 +535,16 @@ class SplitQueue(IotlbStalls):
                 )
 
     def _map_rings(self) -> None:
-        pins: list[Pin] = []
-        try:
-            for what, addr, length in (
-                ("descriptor table", self.desc_addr, desc_table_size(self.size)),
-                ("avail ring", self.avail_addr, avail_ring_size(self.size)),
-                ("used ring", self.used_addr, used_ring_size(self.size)),
-            ):
-                pin = self._memory.pin(addr, length, write=what == "used ring")
-                pins.append(pin)
-                if len(pin.views) != 1:
-                    raise QueueConfigError(
-                        f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
-                    )
-        except IotlbMiss as e:  # behind an IOMMU: idle until translated
-            for p in pins:
-                p.release()
-            self._stall(e)
+        pins = self._pin_rings(
+            self._memory,
+            (
+                ("descriptor table", self.desc_addr, desc_table_size(self.size), False),
+                ("avail ring", self.avail_addr, avail_ring_size(self.size), False),
+                ("used ring", self.used_addr, used_ring_size(self.size), True),
+            ),
+        )
+        if pins is None:
             return
-        except IotlbAccessError as e:  # the vIOMMU forbids what a ring needs
-            for p in pins:
-                p.release()
-            self._break(DescriptorMemoryError(f"a ring at its I/O virtual address: {e}"))
-            return
-        except GuestMemoryError as e:
-            for p in pins:
-                p.release()
-            raise QueueConfigError(f"{self.name}: ring is not in guest memory: {e}") from e
-        except QueueConfigError:
-            for p in pins:
-                p.release()
-            raise
         self._pins = pins
         self._desc, avail, self._used = (p.views[0] for p in pins)
         self._avail = u16_view(avail)

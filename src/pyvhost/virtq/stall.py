@@ -13,7 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from pyvhost.errors import IotlbMiss
+from pyvhost.errors import (
+    DescriptorMemoryError,
+    GuestMemoryError,
+    IotlbAccessError,
+    IotlbMiss,
+    QueueConfigError,
+)
+from pyvhost.memory import Pin
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,36 @@ class IotlbStalls:
 
     def region_added(self, region) -> None:
         raise NotImplementedError
+
+    def _break(self, error) -> None:
+        raise NotImplementedError
+
+    def _pin_rings(self, memory, parts) -> list[Pin] | None:
+        """Pin each (what, guest address, length, write) ring part as one view.
+        None: behind an IOMMU the queue stalled (a miss) or broke (forbidden);
+        raises QueueConfigError if a part is not in guest memory."""
+        pins: list[Pin] = []
+        try:
+            for what, addr, length, write in parts:
+                pin = memory.pin(addr, length, write=write)
+                pins.append(pin)
+                if len(pin.views) != 1:
+                    raise QueueConfigError(
+                        f"{self.name}: {what} at 0x{addr:x} crosses a memory region boundary"
+                    )
+        except (IotlbMiss, IotlbAccessError, GuestMemoryError, QueueConfigError) as e:
+            for p in pins:
+                p.release()
+            if isinstance(e, IotlbMiss):  # idle until translated
+                self._stall(e)
+            elif isinstance(e, IotlbAccessError):  # the vIOMMU forbids what a ring needs
+                self._break(DescriptorMemoryError(f"a ring at its I/O virtual address: {e}"))
+            elif isinstance(e, GuestMemoryError):
+                raise QueueConfigError(f"{self.name}: ring is not in guest memory: {e}") from e
+            else:
+                raise
+            return None
+        return pins
 
     def _stall(self, miss: IotlbMiss) -> None:
         if self.stalled is None:
