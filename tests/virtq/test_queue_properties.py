@@ -67,3 +67,48 @@ def test_any_ring_yields_valid_chains_or_a_typed_broken_reason(ring):
         device.needs_notification()
         device.enable_notification()
         device.close()
+
+
+def _chain_facts(chain):
+    return (
+        chain.head,
+        [bytes(v) for v in chain.readable],
+        [len(v) for v in chain.writable],
+        chain.readable_len,
+        chain.writable_len,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(rings(), st.integers(1, 20))
+def test_a_batch_pop_takes_what_single_pops_take_and_breaks_alike(ring, limit):
+    size, descs, heads, avail_idx, indirect, use_indirect, event_idx = ring
+    outcomes = []
+    for batched in (False, True):
+        with GuestRam(RAM) as ram:
+            driver, device = queue_pair(ram, size, indirect=use_indirect, event_idx=event_idx)
+            table = ram.alloc(16 * 8)
+            ram.memory.write(table, b"".join(DESC.pack(*d) for d in indirect))
+            for i, (addr, length, flags, nxt) in enumerate(descs):
+                if flags & 4 and i % 2:
+                    addr, length = table, 16 * len(indirect)
+                driver.write_desc(i, addr, length, flags, nxt)
+            for slot, head in enumerate(heads):
+                driver.write_avail_slot(slot, head)
+            driver.set_avail_idx(avail_idx)
+            if batched:
+                chains = device.pop_batch(limit)
+            else:
+                chains = []
+                while len(chains) < limit and (chain := device.pop()) is not None:
+                    chains.append(chain)
+            outcomes.append(
+                (
+                    [_chain_facts(c) for c in chains],
+                    type(device.broken),
+                    str(device.broken),
+                    device.next_avail,
+                )
+            )
+            device.close()
+    assert outcomes[0] == outcomes[1]

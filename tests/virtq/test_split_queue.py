@@ -340,3 +340,29 @@ def test_iov_helpers_cut_write_and_scatter_across_views():
     write_at(views, 3, b"xyz")
     assert (bytes(a), bytes(b[:2])) == (b"\0\0\0x", b"yz")
     assert scatter(views, b"0123456789abc") == 10 and bytes(a + b) == b"0123456789"
+
+
+def test_a_batch_that_runs_past_the_ring_end_wraps_to_its_start(ram):
+    driver, device = queue_pair(ram, 4)
+    bufs = [ram.alloc(32) for _ in range(6)]
+    for b in bufs[:3]:
+        driver.add(readable=[(b, 32)])
+    driver.publish()
+    device.push_used_batch([(c.head, 0) for c in device.pop_batch(3)])
+    driver.used()
+    heads = [driver.add(readable=[(b, 32)]) for b in bufs[3:]]  # slots 3, 0, 1
+    driver.publish()
+    assert [c.head for c in device.pop_batch(8)] == heads
+    assert device.next_avail == 6
+
+
+def test_a_chain_that_breaks_the_queue_ends_the_batch_and_keeps_the_ones_before(ram):
+    driver, device = queue_pair(ram, 8)
+    good = [driver.add(readable=[(ram.alloc(32), 32)]) for _ in range(2)]
+    bad = driver.add(readable=[(ram.alloc(32), 32)])
+    driver.write_desc(bad, 1 << 40, 32, 0, 0)  # outside guest memory
+    driver.add(readable=[(ram.alloc(32), 32)])
+    driver.publish()
+    assert [c.head for c in device.pop_batch(8)] == good
+    assert device.broken is not None
+    assert device.pop_batch(8) == []

@@ -371,55 +371,68 @@ class QueuePair:
         write = self.host.write_iovec
         strip = 0 if self.host.has_vnet_hdr else self.hdr_size
         hdr = self.hdr_size
-        done: list[tuple[int, int]] = []
         q.disable_notification()
         consumed = 0
-        bytes_before = c.bytes
+        packets = sent_bytes = drops = errors = 0
         while consumed < TX_BUDGET:
-            chain = q.pop()
-            if chain is None:
+            chains = q.pop_batch(min(BUDGET, TX_BUDGET - consumed))
+            if not chains:
                 if rearm and q.enable_notification():
                     q.disable_notification()
                     continue
                 break
+            done = []
+            completed = done.append
             if not self.tx_enabled:
-                c.drops += 1  # a disabled ring is processed without side effects
-            elif chain.readable_len <= hdr:
-                c.errors += 1  # no frame behind the header
+                drops += len(chains)  # a disabled ring is processed without side effects
+                for chain in chains:
+                    completed((chain.head, 0))
             else:
-                bufs = chain.readable if not strip else skip(chain.readable, strip)
-                if self.observed:  # hooks or a capture: off, this costs one test
-                    bufs = self._observe_tx(chain.readable, hdr, strip)
-                try:
-                    if bufs is None:
-                        raise _Dropped
-                    write(bufs)
-                    c.packets += 1
-                    c.bytes += chain.readable_len - hdr
-                    if self.captures:
-                        self._capture(IN, bufs, 0 if strip else hdr)
-                except _Dropped:
-                    c.drops += 1  # a hook said so
-                except BlockingIOError:
-                    # The TAP's send buffer is full: keep the chain, wait for room.
-                    q.unpop()
-                    self._tx_blocked = True
-                    self.loop.add_writer(self.host.fileno(), self._on_tap_writable)
-                    break
-                except OSError as e:
-                    if e.errno in (errno.EIO, errno.ENETDOWN):
-                        c.drops += 1  # the TAP is down
-                    else:
-                        c.errors += 1  # e.g. EINVAL: a malformed GSO header
-                        log.debug("tx%d: TAP refused a frame: %s", self.pair, e.strerror)
-            done.append((chain.head, 0))
-            consumed += 1
-            if len(done) >= BUDGET:
-                q.push_used_batch(done)
-                done = []
-        if consumed:
-            self._tx_bytes_since_rx_signal += c.bytes - bytes_before
+                observed = self.observed
+                for i, chain in enumerate(chains):
+                    length = chain.readable_len
+                    if length <= hdr:
+                        errors += 1  # no frame behind the header
+                        completed((chain.head, 0))
+                        continue
+                    bufs = chain.readable if not strip else skip(chain.readable, strip)
+                    if observed:  # hooks or a capture: off, this costs one test
+                        bufs = self._observe_tx(chain.readable, hdr, strip)
+                        if bufs is None:
+                            drops += 1  # a hook said so
+                            completed((chain.head, 0))
+                            continue
+                    try:
+                        write(bufs)
+                        packets += 1
+                        sent_bytes += length - hdr
+                        if self.captures:
+                            self._capture(IN, bufs, 0 if strip else hdr)
+                    except BlockingIOError:
+                        # The TAP's send buffer is full: keep this chain and the
+                        # rest of the batch, and wait for room.
+                        for _ in range(len(chains) - i):
+                            q.unpop()
+                        self._tx_blocked = True
+                        self.loop.add_writer(self.host.fileno(), self._on_tap_writable)
+                        break
+                    except OSError as e:
+                        if e.errno in (errno.EIO, errno.ENETDOWN):
+                            drops += 1  # the TAP is down
+                        else:
+                            errors += 1  # e.g. EINVAL: a malformed GSO header
+                            log.debug("tx%d: TAP refused a frame: %s", self.pair, e.strerror)
+                    completed((chain.head, 0))
+            consumed += len(done)
             q.push_used_batch(done)
+            if self._tx_blocked:
+                break
+        if consumed:
+            c.packets += packets
+            c.bytes += sent_bytes
+            c.drops += drops
+            c.errors += errors
+            self._tx_bytes_since_rx_signal += sent_bytes
             self.tx_notifier.completed()
         return consumed
 
