@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket-path")
     dp.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")
     dp.add_argument("--pair", type=int, metavar="N", help="only this queue pair (default: all)")
-    dp.add_argument("to", choices=("kernel", "python"))
+    dp.add_argument("to", choices=("kernel", "python", "worker"))
 
     demo = command(
         "demo",
@@ -362,6 +362,12 @@ def add_net_options(net: argparse.ArgumentParser) -> None:
         metavar="PAIR=module:function",
         help="a Python hook on queue pair PAIR's frames (pair0, pair1, ...); runs in the "
         "Python datapath",
+    )
+    net.add_argument(
+        "--workers",
+        action="store_true",
+        help="serve each queue pair in a worker process of its own, so queues=N uses N "
+        "cores (the control process keeps the vhost-user session); see README, Tuning",
     )
     net.add_argument(
         "--no-migration",
@@ -630,6 +636,11 @@ def cmd_net(args: argparse.Namespace) -> int:
     ):
         if not 0 <= value <= 1_000_000:
             raise OptionError(f"{flag} {value}: must be between 0 and 1000000 microseconds")
+    if args.workers and (opts.vhost or opts.vhostfds):
+        raise OptionError(
+            "--workers: the pairs of a vhost=on netdev are served by the kernel; drop "
+            "--workers, or use vhost=off"
+        )
     uid, gid = resolve_ids(args.user, args.group)
     endpoint = Endpoint.from_args(args)
     stats_file = endpoint.stats_path(args.stats_socket)
@@ -657,6 +668,7 @@ def cmd_net(args: argparse.Namespace) -> int:
             rx_usecs=args.rx_usecs,
             vhosts=netdev.vhosts,
             migration=args.migration,
+            workers=args.workers,
         )
         why = device.dirty_logging_unavailable() or logging_supported()
         if why is not None:

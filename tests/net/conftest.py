@@ -1,13 +1,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 import uuid
 
 import pytest
 
+from pyvhost.control import request
+from pyvhost.frontend.net import NetFrontend
 from pyvhost.testing.netns import NetNamespace, link_exists
-from pyvhost.testing.processes import PyvhostProcess
+from pyvhost.testing.processes import PyvhostProcess, wait_for
 
 GUEST_MAC = bytes.fromhex("525400123456")
 HOST_MAC = bytes.fromhex("02000000aa01")
@@ -84,3 +88,79 @@ def net_daemon(tmp_path, netns):
     for d in daemons:
         if d.proc.proc.poll() is None:
             d.stop()
+
+
+# --- helpers shared by the datapath tests of every engine -------------------------------
+
+SO_RCVBUFFORCE = 33
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def numbered(n: int, start: int = 0, out: bool = True) -> list[bytes]:
+    """Frames carrying their sequence number: out (guest to host) or in."""
+    dst, src = (HOST_MAC, GUEST_MAC) if out else (GUEST_MAC, HOST_MAC)
+    return [frame(dst, src, (start + i).to_bytes(4, "big") + bytes(60)) for i in range(n)]
+
+
+def big_socket(netns, ifname: str, vnet_hdr: bool = False) -> socket.socket:
+    s = netns.packet_socket(ifname, vnet_hdr=vnet_hdr)
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+    s.settimeout(20)
+    return s
+
+
+def switch_under_traffic(d: NetDaemon, netns, kinds: list[str], total: int = 3000) -> None:
+    """Numbered frames stream both ways while pair 0 moves to each datapath in
+    `kinds` in turn; every frame must arrive once, in order."""
+    netns.ip("link", "set", "dev", d.ifname, "txqueuelen", "20000")
+    host = big_socket(netns, d.ifname)
+    stats = d.sock + ".stats"
+    received_out: list[bytes] = []
+    stop = threading.Event()
+
+    def host_side():
+        """Collect what reaches the TAP; meanwhile send numbered frames in."""
+        sent = 0
+        host.settimeout(0.01)
+        while not stop.is_set():
+            if sent < total:
+                host.send(numbered(1, start=sent, out=False)[0])
+                sent += 1
+            try:
+                data = host.recv(2000)
+            except TimeoutError:
+                continue
+            if ours(data) and data[:6] == HOST_MAC:
+                received_out.append(data)
+
+    with NetFrontend.connect(d.sock, queue_size=512) as fe:
+        fe.post_rx()
+        thread = threading.Thread(target=host_side)
+        thread.start()
+        outgoing = numbered(total)
+        got_in: list[bytes] = []
+        sent = switches = 0
+        try:
+            while sent < total or len(got_in) < total:
+                for f in outgoing[sent : sent + 100]:
+                    fe.send(f)
+                sent = min(sent + 100, total)
+                got_in += [f for f in fe.receive(timeout=0.05, count=512) if ours(f)]
+                if sent % 300 == 0 and switches < len(kinds):
+                    reply = request(stats, {"cmd": "datapath", "to": kinds[switches]})
+                    assert reply["ok"], reply
+                    switches += 1
+                wait_for(lambda s=sent: fe.tx_done() == s, 20, "TX completions")
+            wait_for(lambda: len(received_out) >= total, 20, "the frames at the TAP")
+        finally:
+            stop.set()
+            thread.join(10)
+    assert switches == len(kinds)
+    assert received_out == outgoing  # guest to host: none lost, doubled or reordered
+    assert got_in == numbered(total, out=False)  # host to guest: likewise
+    host.close()

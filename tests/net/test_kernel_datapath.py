@@ -9,13 +9,10 @@ directly wherever vhost_net is loaded.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 
 import pytest
 
-from pyvhost.control import request
 from pyvhost.devices.net import spec
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.guest.vhost_guest import vhost_net_here
@@ -23,32 +20,22 @@ from pyvhost.stats import fetch
 from pyvhost.testing.frames import gso_header, tcp4_frame
 from pyvhost.testing.processes import PyvhostProcess, wait_for
 
-from .conftest import GUEST_MAC, HOST_MAC, frame, ours, receive_ours, recv_ours
+from .conftest import (
+    GUEST_MAC,
+    HOST_MAC,
+    big_socket,
+    cpu_seconds,
+    frame,
+    numbered,
+    receive_ours,
+    recv_ours,
+    switch_under_traffic,
+)
 
 pytestmark = pytest.mark.skipif(
     not vhost_net_here(),
     reason="needs /dev/vhost-net; tests/e2e/test_kernel_datapath.py runs these in a guest",
 )
-
-SO_RCVBUFFORCE = 33
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def numbered(n: int, start: int = 0, out: bool = True) -> list[bytes]:
-    dst, src = (HOST_MAC, GUEST_MAC) if out else (GUEST_MAC, HOST_MAC)
-    return [frame(dst, src, (start + i).to_bytes(4, "big") + bytes(60)) for i in range(n)]
-
-
-def big_socket(netns, ifname: str, vnet_hdr: bool = False) -> socket.socket:
-    s = netns.packet_socket(ifname, vnet_hdr=vnet_hdr)
-    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-    s.settimeout(20)
-    return s
 
 
 def test_frames_cross_both_ways_with_no_python_per_packet(net_daemon, netns):
@@ -198,55 +185,7 @@ def test_hot_added_and_removed_memory_reaches_the_kernel_table(net_daemon, netns
 
 def test_switching_between_kernel_and_python_loses_doubles_and_reorders_nothing(net_daemon, netns):
     d = net_daemon("tap,ifname=IFNAME,vhost=on")
-    netns.ip("link", "set", "dev", d.ifname, "txqueuelen", "20000")
-    host = big_socket(netns, d.ifname)
-    stats = d.sock + ".stats"
-    total_out, total_in = 3000, 3000
-    received_out: list[bytes] = []
-    stop = threading.Event()
-
-    def host_side():
-        """Collect what reaches the TAP; meanwhile send numbered frames in."""
-        sent = 0
-        host.settimeout(0.01)
-        while not stop.is_set():
-            if sent < total_in:
-                host.send(numbered(1, start=sent, out=False)[0])
-                sent += 1
-            try:
-                data = host.recv(2000)
-            except TimeoutError:
-                continue
-            if ours(data) and data[:6] == HOST_MAC:
-                received_out.append(data)
-
-    with NetFrontend.connect(d.sock, queue_size=512) as fe:
-        fe.post_rx()
-        thread = threading.Thread(target=host_side)
-        thread.start()
-        outgoing = numbered(total_out)
-        got_in: list[bytes] = []
-        sent = switches = 0
-        kinds = ["python", "kernel"] * 5
-        try:
-            while sent < total_out or len(got_in) < total_in:
-                for f in outgoing[sent : sent + 100]:
-                    fe.send(f)
-                sent = min(sent + 100, total_out)
-                got_in += [f for f in fe.receive(timeout=0.05, count=512) if ours(f)]
-                if sent % 300 == 0 and switches < len(kinds):
-                    reply = request(stats, {"cmd": "datapath", "to": kinds[switches]})
-                    assert reply["ok"], reply
-                    switches += 1
-                wait_for(lambda s=sent: fe.tx_done() == s, 20, "TX completions")
-            wait_for(lambda: len(received_out) >= total_out, 20, "the frames at the TAP")
-        finally:
-            stop.set()
-            thread.join(10)
-    assert switches == 10
-    assert received_out == outgoing  # guest to host: none lost, doubled or reordered
-    assert got_in == numbered(total_in, out=False)  # host to guest: likewise
-    host.close()
+    switch_under_traffic(d, netns, ["python", "kernel"] * 5)
 
 
 def test_a_frontend_that_leaves_leaves_nothing_and_the_next_is_served(net_daemon, netns):

@@ -84,9 +84,11 @@ class DirtyLog:
                                      offset=aligned)  # fmt: skip
             except (OSError, ValueError, OverflowError) as e:
                 raise InvalidRegionError(f"cannot map the dirty log: {e}") from e
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd  # kept for share_fd(): a worker process marks the same log
+        self.offset = offset
         self.size = size
         self.pages = size * 8
         self._delta = offset - aligned
@@ -137,8 +139,15 @@ class DirtyLog:
         data = self._mm[self._delta : self._delta + self.size]
         return [i * 8 + b for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1]
 
+    def share_fd(self) -> int:
+        """A new fd of the log's file, for another process to map it (caller closes)."""
+        return os.dup(self._fd)
+
     def close(self) -> None:
         if self.notify_fd is not None:
             os.close(self.notify_fd)
             self.notify_fd = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._mm.close()

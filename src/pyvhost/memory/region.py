@@ -29,7 +29,7 @@ import stat
 import weakref
 from dataclasses import dataclass
 
-from pyvhost.errors import InvalidRegionError, RangeOverflowError
+from pyvhost.errors import GuestMemoryError, InvalidRegionError, RangeOverflowError
 from pyvhost.memory.address import ADDRESS_LIMIT, FrontendAddress, GuestAddress
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class MemoryRegion:
         "host_address",
         "_mm",
         "_mm_ref",
+        "_fd",
         "__weakref__",
     )
 
@@ -99,9 +100,12 @@ class MemoryRegion:
         self.pins = 0
         try:
             self._mm = _map_file(fd, spec)
-        finally:
-            # mmap.mmap keeps its own dup of fd; ours is no longer needed.
+        except BaseException:
             os.close(fd)
+            raise
+        # Kept while mapped, so another process (a worker serving a queue
+        # pair) can map the same pages: share_fd().
+        self._fd = fd
         delta = spec.mmap_offset % mmap.ALLOCATIONGRANULARITY
         base = memoryview(self._mm)
         self.view = base[delta : delta + spec.size]
@@ -148,8 +152,17 @@ class MemoryRegion:
         if self.pins == 0:
             self._unmap()
 
+    def share_fd(self) -> int:
+        """A new fd of the region's file, for another process to map it; the
+        caller owns (and closes) it."""
+        if self._fd < 0:
+            raise GuestMemoryError(f"region {self!r} is unmapped: nothing to share")
+        return os.dup(self._fd)
+
     def _unmap(self) -> None:
         self.state = RegionState.UNMAPPED
+        fd, self._fd = self._fd, -1
+        os.close(fd)
         mm, self._mm = self._mm, None
         self.view.release()
         try:

@@ -20,8 +20,10 @@ from pyvhost.devices.net.datapath import HostQueue, QueuePair
 from pyvhost.devices.net.engine import DatapathError, PairEngine
 from pyvhost.devices.net.kernel import KernelPair, kernel_mask
 from pyvhost.devices.net.metrics import QueueCounters, notify, queue_name
+from pyvhost.devices.net.worker import WorkerPair
 from pyvhost.errors import InvalidRequestError, InvalidRingIndexError, PyvhostError
 from pyvhost.eventloop import EventLoop
+from pyvhost.memory import GuestMemory
 from pyvhost.virtq import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -81,6 +83,10 @@ def _bit(n: int) -> int:
     return 1 << n
 
 
+def _sum(a: QueueCounters, b: QueueCounters) -> QueueCounters:
+    return QueueCounters(**{k: v + getattr(b, k) for k, v in a.as_dict().items()})
+
+
 def tun_offloads(features: int) -> int:
     """TUNSETOFFLOAD flags for the guest's receive offloads, as QEMU derives them
     (net/tap-linux.c): TSO only with checksum offload, ECN only with TSO. The
@@ -111,6 +117,7 @@ class VirtioNet(VirtioDevice):
         rx_usecs: int = 0,
         vhosts: list[VhostNet] | None = None,
         migration: bool = True,
+        workers: bool = False,
     ) -> None:
         """`poll_us`: busy-poll a TX ring this long after its last frame before
         asking for kicks again. `tx_usecs`, `rx_usecs`: signal that kind of ring
@@ -118,7 +125,8 @@ class VirtioNet(VirtioDevice):
         `vhosts`: one vhost-net instance per host queue; the pairs then start on
         the kernel datapath and can be moved to Python and back while they run.
         `migration`: offer dirty logging (VHOST_F_LOG_ALL), which QEMU needs to
-        live-migrate the guest."""
+        live-migrate the guest. `workers`: each pair's Python datapath runs in
+        a process of its own (worker.py), so pairs use more than one core."""
         if not hosts:
             raise ValueError("a virtio-net device needs at least one host queue")
         if vhosts and len(vhosts) != len(hosts):
@@ -128,6 +136,7 @@ class VirtioNet(VirtioDevice):
         self.mac = self.configured_mac = mac
         self.mtu = mtu
         self.migration = migration
+        self.workers = workers
         self.poll_ns = poll_us * 1000
         self.tx_window_ns = tx_usecs * 1000
         self.rx_window_ns = rx_usecs * 1000
@@ -147,9 +156,11 @@ class VirtioNet(VirtioDevice):
         self.kernel_pairs: list[KernelPair] = [
             KernelPair(i, h, v) for i, (h, v) in enumerate(zip(hosts, self.vhosts, strict=False))
         ]
-        # The engine serving each pair now (engine.py): Python or the kernel.
+        self.worker_pairs: list[WorkerPair] = []  # a worker process per pair, on demand
+        # The engine serving each pair now (engine.py): Python, a worker or the kernel.
         self.engines: list[PairEngine] = []
-        self._moved_for_observers: set[int] = set()  # to go back to the kernel
+        # Pairs moved to the Python datapath while observed: the engine to go back to.
+        self._moved_for_observers: dict[int, str] = {}
         self._data_rings: dict[int, RingConfig] = {}  # started RX/TX rings, by index
         self._enabled: set[int] = set()  # ... and which of them are enabled
         self._ctrl_ring: ServedRing | None = None
@@ -205,7 +216,24 @@ class VirtioNet(VirtioDevice):
             )
             for i, h in enumerate(self.hosts)
         ]
-        self.engines = list(self.kernel_pairs) if self.kernel_pairs else list(self.pairs)
+        self.worker_pairs = [
+            WorkerPair(
+                i,
+                h,
+                loop,
+                poll_ns=self.poll_ns,
+                tx_window_ns=self.tx_window_ns,
+                rx_window_ns=self.rx_window_ns,
+                log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+            )
+            for i, h in enumerate(self.hosts)
+        ]
+        if self.kernel_pairs:
+            self.engines = list(self.kernel_pairs)
+        elif self.workers:
+            self.engines = list(self.worker_pairs)
+        else:
+            self.engines = list(self.pairs)
         self._update_tap_queues()
         self._watch_link()
 
@@ -260,8 +288,8 @@ class VirtioNet(VirtioDevice):
         features = sum(_bit(b) for b in bits)
         for k in self.kernel_pairs:  # only what both datapaths can serve
             features &= ~kernel_mask(k.supported)
-        if self.kernel_pairs:
-            # The kernel datapath is not given the IOTLB: no device behind an IOMMU.
+        if self.kernel_pairs or self.workers:
+            # Neither the kernel nor a worker is given the IOTLB: no device behind an IOMMU.
             features &= ~_bit(VIRTIO_F_ACCESS_PLATFORM)
         return features
 
@@ -345,6 +373,8 @@ class VirtioNet(VirtioDevice):
             p.configure(features)
         for k in self.kernel_pairs:
             k.configure(features)
+        for w in self.worker_pairs:
+            w.configure(features)
 
     def _apply_guest_offloads(self, features: int) -> None:
         """Tell the TAP which offloaded frames the guest takes (TUNSETOFFLOAD).
@@ -438,6 +468,8 @@ class VirtioNet(VirtioDevice):
 
     def detach(self) -> None:
         self.reset()
+        for w in self.worker_pairs:
+            w.close()
         link = getattr(self, "link", None)
         if link is not None:
             self.loop.remove_reader(self._link_fd)
@@ -470,36 +502,37 @@ class VirtioNet(VirtioDevice):
         p = self.pairs[pair]
         before = (list(p.hooks), list(p.captures))
         change(p)
-        if p.observed and self.engines[pair].kind == "kernel":
+        kind = self.engines[pair].kind
+        if p.observed and kind != "python":
             try:
                 self._switch(pair, "python")
             except DatapathError:
                 p.set_observers(*before)
                 raise
-            self._moved_for_observers.add(pair)
-            log.info("pair %d: on the Python datapath while hooks or a capture run", pair)
+            self._moved_for_observers[pair] = kind
+            log.info("pair %d: in the control process while hooks or a capture run", pair)
         elif not p.observed and pair in self._moved_for_observers:
-            self._moved_for_observers.discard(pair)
+            back = self._moved_for_observers.pop(pair)
             try:
-                self._switch(pair, "kernel")
+                self._switch(pair, back)
             except DatapathError as e:
                 log.warning("pair %d stays on the Python datapath: %s", pair, e)
 
     def switch_datapath(self, pair: int, kind: str) -> None:
-        """Move pair `pair` to the "kernel" or the "python" datapath while it runs.
+        """Move pair `pair` to the "kernel", "python" or "worker" datapath while it runs.
 
         Each started ring stops on the old engine, which completes every chain
         it took and says where it stopped; the new engine goes on from that
         index with the same eventfds. No frame is lost, doubled or reordered,
         and the driver sees nothing.
         """
-        if 0 <= pair < self.queue_pairs and kind == "kernel" and self.pairs[pair].observed:
+        if 0 <= pair < self.queue_pairs and kind != "python" and self.pairs[pair].observed:
             raise DatapathError(
-                f"pair {pair} has hooks or a capture attached, which run in Python; "
-                "remove them and it goes back to the kernel by itself"
+                f"pair {pair} has hooks or a capture attached, which run in the control "
+                f"process; remove them and it goes to the {kind} datapath"
             )
         self._switch(pair, kind)
-        self._moved_for_observers.discard(pair)
+        self._moved_for_observers.pop(pair, None)
 
     def _switch(self, pair: int, kind: str) -> None:
         if not 0 <= pair < self.queue_pairs:
@@ -513,8 +546,10 @@ class VirtioNet(VirtioDevice):
             new: PairEngine = self.kernel_pairs[pair]
         elif kind == "python":
             new = self.pairs[pair]
+        elif kind == "worker":
+            new = self.worker_pairs[pair]
         else:
-            raise DatapathError(f"datapath {kind!r}: use kernel or python")
+            raise DatapathError(f"datapath {kind!r}: use kernel, python or worker")
         old = self.engines[pair]
         if old is new:
             return
@@ -522,6 +557,13 @@ class VirtioNet(VirtioDevice):
         rings = [(rx, i) for rx, i in rings if i in self._data_rings]
         if kind == "kernel" and any(self._data_rings[i].kick_fd is None for _, i in rings):
             raise DatapathError(f"pair {pair}: a polled ring (no kick fd) stays in Python")
+        if kind == "worker" and any(
+            not isinstance(self._data_rings[i].memory, GuestMemory) for _, i in rings
+        ):
+            raise DatapathError(
+                f"pair {pair}: the device is behind a vIOMMU (ACCESS_PLATFORM), which "
+                "only the control process serves"
+            )
         if old.holds_frames():
             raise DatapathError(
                 f"pair {pair}: a received frame waits for RX buffers the guest has not "
@@ -541,9 +583,13 @@ class VirtioNet(VirtioDevice):
 
     def counters(self) -> dict[str, QueueCounters]:
         out: dict[str, QueueCounters] = {}
-        for p in self.pairs:  # the Python datapath's; the kernel keeps none per ring
-            out[queue_name(2 * p.pair, self.ctrl_index)] = p.rx_counters
-            out[queue_name(2 * p.pair + 1, self.ctrl_index)] = p.tx_counters
+        for p, w in zip(self.pairs, self.worker_pairs, strict=True):
+            # Python's, here and in the pair's worker; the kernel keeps none per ring.
+            rx, tx = p.rx_counters, p.tx_counters
+            if w.pid is not None:
+                rx, tx = (_sum(a, b) for a, b in zip((rx, tx), w.counters(), strict=True))
+            out[queue_name(2 * p.pair, self.ctrl_index)] = rx
+            out[queue_name(2 * p.pair + 1, self.ctrl_index)] = tx
         out["ctrl"] = self.ctrl_counters
         return out
 
