@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -144,8 +145,19 @@ def test_a_packed_ring_qemu_restarts_blind_after_a_crash_is_called_out(lab):
     assert "lost its position" in err, err
 
 
-def test_four_queue_pairs_share_the_traffic(lab):
-    lab = lab(queues=4, smp=4)
+# The tests below run again with each queue pair in a worker process.
+MODES = [pytest.param([], id="one-process"), pytest.param(["--workers"], id="workers")]
+
+
+def worker_pids(lab) -> list[int]:
+    pid = lab.pyvhost.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_four_queue_pairs_share_the_traffic(lab, mode):
+    lab = lab(queues=4, smp=4, pyvhost_args=mode)
     for port in range(5201, 5205):
         lab.iperf_server(port)
     guest = lab.boot()
@@ -160,10 +172,12 @@ def test_four_queue_pairs_share_the_traffic(lab):
     q = lab.stats()["queues"]
     for i in range(4):
         assert q[f"tx{i}"]["packets"] > 0 and q[f"rx{i}"]["packets"] > 0, q
+    assert len(worker_pids(lab)) == (4 if mode else 0)
 
 
-def test_unloading_and_reloading_virtio_net_resets_the_device_and_it_works_again(lab):
-    lab = lab()
+@pytest.mark.parametrize("mode", MODES)
+def test_unloading_and_reloading_virtio_net_resets_the_device_and_it_works_again(lab, mode):
+    lab = lab(pyvhost_args=mode)
     guest = lab.boot()
     assert loss(ping(guest)[1]) == 0
     guest.run("rmmod virtio_net")
@@ -173,11 +187,16 @@ def test_unloading_and_reloading_virtio_net_resets_the_device_and_it_works_again
     assert lab.stats()["sessions"] == 1  # the same QEMU connection, the device reset in it
 
 
-def test_pyvhost_killed_and_restarted_while_qemu_runs(lab):
-    lab = lab()
+@pytest.mark.parametrize("mode", MODES)
+def test_pyvhost_killed_and_restarted_while_qemu_runs(lab, mode):
+    lab = lab(pyvhost_args=mode)
     guest = lab.boot()
     assert loss(ping(guest)[1]) == 0
+    workers = worker_pids(lab)
+    assert len(workers) == (1 if mode else 0)
     lab.restart_pyvhost()  # SIGKILL, then a new pyvhost on the same socket
+    # A worker dies with its control process (PR_SET_PDEATHSIG).
+    wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), 10, "the workers")
     deadline = time.monotonic() + 30
     while True:  # QEMU reconnects within a second or so (reconnect=1)
         _, out = ping(guest, 2, check=False)

@@ -29,6 +29,11 @@ from tests.net.test_datapath import (  # noqa: F401 - run again here, with worke
     test_with_no_rx_buffers_frames_wait_in_the_tap_and_none_is_dropped,
     test_without_vnet_hdr_no_offload_is_offered_and_headers_are_added_and_removed,
 )
+from tests.net.test_migration import (  # noqa: F401 - dirty logging, done by the worker
+    test_once_log_all_is_dropped_nothing_more_is_logged,
+    test_received_frames_dirty_only_rx_buffers_and_the_rx_used_ring,
+    test_sent_frames_dirty_only_the_tx_used_ring,
+)
 
 
 @pytest.fixture

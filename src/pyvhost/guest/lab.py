@@ -46,8 +46,10 @@ class Lab:
         pyvhost_taskset: str | None = None,
         qemu_taskset: str | None = None,
         qemu_args: list[str] | None = None,
+        pyvhost_args: list[str] | None = None,
     ) -> None:
-        """`qemu_args`: more QEMU arguments (e.g. a machine type and a vIOMMU)."""
+        """`qemu_args`: more QEMU arguments (e.g. a machine type and a vIOMMU);
+        `pyvhost_args`: more `pyvhost net` options (e.g. --workers)."""
         self.queues = queues
         self.smp = smp
         self.accel = accel
@@ -60,6 +62,7 @@ class Lab:
         self.pyvhost_taskset = pyvhost_taskset
         self.qemu_taskset = qemu_taskset
         self.qemu_args = list(qemu_args or [])
+        self.pyvhost_args = list(pyvhost_args or [])
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="pyvhost-lab-")
         self.workdir = workdir or self._tmp.name
         self.socket = os.path.join(self.workdir, "vhost.sock")
@@ -88,7 +91,7 @@ class Lab:
     def start_pyvhost(self) -> None:
         self.progress(f"starting pyvhost net on TAP {self.ifname} ({self.queues} queue pairs)")
         args = ["net", "--socket", self.socket, "--netdev",
-                f"tap,ifname={self.ifname},queues={self.queues}"]  # fmt: skip
+                f"tap,ifname={self.ifname},queues={self.queues}", *self.pyvhost_args]  # fmt: skip
         self.pyvhost = PyvhostProcess(args, self.socket)
         if self.pyvhost_taskset:
             subprocess.run(["taskset", "-a", "-p", "-c", self.pyvhost_taskset,
