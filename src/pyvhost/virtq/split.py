@@ -270,8 +270,9 @@ class SplitQueue(IotlbStalls):
 
         What pop() does per chain, done once per batch: avail.idx is read
         once and the heads come from one slice of the avail ring. A chain of
-        one readable descriptor (what a virtio-net driver posts for a small
-        frame) is built without walking; anything else is walked in full, so
+        one descriptor (what a virtio-net driver posts for a small frame, and
+        for each RX buffer) is built without walking; anything else is walked
+        in full, so
         every check of pop() still applies. A chain that breaks or stalls the
         queue ends the batch: the ones before it are returned.
         """
@@ -309,10 +310,14 @@ class SplitQueue(IotlbStalls):
             try:
                 if simple and head < size:
                     addr, length, flags, _ = _unpack_desc(table, head << 4)
-                    if not flags and length:
+                    if length and not flags & ~VIRTQ_DESC_F_WRITE:
                         views: list[memoryview] = []
-                        gather(addr, length, views, False)
-                        append(DescriptorChain(head, views, [], length, 0))
+                        if flags:  # one device-writable buffer: an RX buffer
+                            gather(addr, length, views, True)
+                            append(DescriptorChain(head, [], views, 0, length))
+                        else:  # one device-readable buffer: a TX frame
+                            gather(addr, length, views, False)
+                            append(DescriptorChain(head, views, [], length, 0))
                         continue
                 append(walk(head))
             except IotlbMiss as e:

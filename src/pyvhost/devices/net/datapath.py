@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 65536 + 256
 # Frames handled per readiness event before the loop serves others.
 BUDGET = 64
+# The smallest batch of RX buffers taken at once; it grows while frames keep coming.
+RX_MIN_BATCH = 4
+# num_buffers = 1 (virtio_net_hdr_mrg_rxbuf), little-endian, at offset 10.
+_ONE_BUFFER = b"\x01\x00"
 # TX chains sent per kick (or poll) before yielding to the loop, as QEMU's
 # tx_burst: a guest that refills its ring as fast as we drain it must not
 # starve the control socket, the other rings or the stats socket.
@@ -120,6 +124,7 @@ class QueuePair:
         self.mrg_rxbuf = False
         self.rx_starved = False  # no RX buffers: the TAP is not being read
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
+        self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
         self._bounce = bytearray(MAX_FRAME)
         self._bounce_view = memoryview(self._bounce)
         self._pending: bytes | None = None  # a frame read but not yet placed (MRG only)
@@ -466,63 +471,96 @@ class QueuePair:
         read = self.host.read_iovec
         vnet = self.host.has_vnet_hdr
         hdr = self.hdr_size
+        mrg = self.mrg_rxbuf
         bounce = self._bounce_view
-        for _ in range(BUDGET):
-            chain = q.pop()
-            if chain is None:
+        bounce_list = [bounce]
+        packets = nbytes = 0
+        # Buffers are taken in batches sized by what the last event read, so a
+        # lone frame costs one pop and a stream gets whole batches. Observers
+        # give a chain back as the last one taken: one at a time for them.
+        observed = self.observed
+        want = 1 if observed else self._rx_batch
+        taken = 0
+        stop = False
+        while taken < BUDGET and not stop:
+            chains = q.pop_batch(min(want, BUDGET - taken))
+            if not chains:
                 self._starve(q)
                 break
-            room = chain.writable_len
-            if room < hdr:
-                c.errors += 1  # a buffer that cannot even hold the header
-                done.append((chain.head, 0))
-                continue
-            bufs = (chain.writable if vnet else skip(chain.writable, hdr)) + [bounce]
-            try:
-                n = read(bufs)
-            except BlockingIOError:
-                q.unpop()  # nothing queued on the TAP: hand the buffer back
-                break
-            except OSError as e:
-                q.unpop()
-                c.errors += 1
-                log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
-                break
-            total = n if vnet else n + hdr
-            if not vnet:
-                write_at(chain.writable, 0, self._zero_hdr)
-            if self.observed:
-                outcome = self._observe_rx(q, chain, total, room, done)
-                if outcome is not None:  # dropped, or replaced and placed (or pending)
-                    if outcome:
-                        continue
+            for i, chain in enumerate(chains):
+                room = chain.writable_len
+                if room < hdr:
+                    c.errors += 1  # a buffer that cannot even hold the header
+                    done.append((chain.head, 0))
+                    continue
+                writable = chain.writable
+                bufs = (writable if vnet else skip(writable, hdr)) + bounce_list
+                try:
+                    n = read(bufs)
+                except BlockingIOError:
+                    n = -1  # nothing queued on the TAP: hand the buffers back
+                except OSError as e:
+                    n = -1
+                    c.errors += 1
+                    log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
+                if n < 0:
+                    for _ in range(len(chains) - i):
+                        q.unpop()
+                    stop = True
                     break
-            if total <= room:
-                if self.mrg_rxbuf:
-                    write_at(chain.writable, 10, b"\x01\x00")  # num_buffers = 1
-                done.append((chain.head, total))
-                c.packets += 1
-                c.bytes += total - hdr
+                taken += 1
+                total = n if vnet else n + hdr
+                if not vnet:
+                    write_at(writable, 0, self._zero_hdr)
+                if observed:  # batches of one: this chain is the last one taken
+                    outcome = self._observe_rx(q, chain, total, room, done)
+                    if outcome is not None:  # dropped, or replaced and placed (or pending)
+                        if outcome:
+                            continue
+                        stop = True
+                        break
+                if total <= room:
+                    if mrg:  # num_buffers = 1
+                        first = writable[0]
+                        if len(first) >= 12:
+                            first[10:12] = _ONE_BUFFER
+                        else:
+                            write_at(writable, 10, _ONE_BUFFER)
+                    done.append((chain.head, total))
+                    packets += 1
+                    nbytes += total - hdr
+                    continue
+                # The frame ran on into the bounce buffer.
+                overflow = bounce[: total - room]
+                if not mrg:
+                    c.drops += 1  # the guest's buffers are too small for this frame
+                    done.append((chain.head, 0))
+                    continue
+                # Further buffers come from the ring in order: give back the rest
+                # of this batch first.
+                for _ in range(len(chains) - i - 1):
+                    q.unpop()
+                if not self._place_merged(q, chain, room, overflow, done):
+                    # Not enough buffers for the rest: keep the whole frame for later.
+                    frame = bytearray(total)
+                    pos = 0
+                    for v in writable:
+                        k = min(len(v), room - pos)
+                        frame[pos : pos + k] = v[:k]
+                        pos += k
+                    frame[room:] = overflow
+                    self._pending = bytes(frame)
+                    q.unpop()
+                    self._starve_for_more(q)
+                    stop = True
+                break  # the batch is spent (given back or used): take a new one
+            else:
+                if not observed:
+                    want = min(BUDGET, 2 * want)  # the batch was used up: more may wait
                 continue
-            # The frame ran on into the bounce buffer.
-            overflow = bounce[: total - room]
-            if not self.mrg_rxbuf:
-                c.drops += 1  # the guest's buffers are too small for this frame
-                done.append((chain.head, 0))
-                continue
-            if not self._place_merged(q, chain, room, overflow, done):
-                # Not enough buffers for the rest: keep the whole frame for later.
-                frame = bytearray(total)
-                pos = 0
-                for v in chain.writable:
-                    k = min(len(v), room - pos)
-                    frame[pos : pos + k] = v[:k]
-                    pos += k
-                frame[room:] = overflow
-                self._pending = bytes(frame)
-                q.unpop()
-                self._starve_for_more(q)
-                break
+        self._rx_batch = max(RX_MIN_BATCH, min(BUDGET, 2 * taken))
+        c.packets += packets
+        c.bytes += nbytes
         self._flush_rx(q, done)
         if self._push:
             self._wake()  # frames may still wait (the budget ran out)
