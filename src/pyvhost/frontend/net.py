@@ -402,6 +402,27 @@ class NetFrontend:
         self.post_rx(pair)
         return frames
 
+    def discard(self, pair: int = 0, timeout: float = 1.0) -> tuple[int, int]:
+        """Take what arrived on pair's RX queue without reading it, as a packet
+        sink does (DPDK's rxonly): (buffers, bytes) returned by the back-end,
+        headers included. Waits up to `timeout` for the first; every buffer is
+        posted again at once, so the back-end is never kept waiting on us."""
+        ring = self.rings[spec.rx_queue(pair)]
+        deadline = time.monotonic() + timeout
+        while True:
+            used = ring.queue.used()
+            if used:
+                for head, _ in used:
+                    ring.slots.append(ring.inflight.pop(head))
+                self.post_rx(pair)
+                return len(used), sum(n for _, n in used)
+            if ring.queue.enable_interrupts():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return 0, 0
+            self._wait(ring.call, left)
+
     def _assemble(self, ring: Ring, used: list[tuple[int, int]]) -> tuple[bytes | None, int]:
         """One frame from the front of `used`, or None if its merged buffers are not all in."""
         nbuf = 1

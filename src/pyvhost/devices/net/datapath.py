@@ -125,6 +125,7 @@ class QueuePair:
         self.rx_starved = False  # no RX buffers: the TAP is not being read
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
         self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
+        self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         self._bounce = bytearray(MAX_FRAME)
         self._bounce_view = memoryview(self._bounce)
         self._pending: bytes | None = None  # a frame read but not yet placed (MRG only)
@@ -480,21 +481,42 @@ class QueuePair:
         # give a chain back as the last one taken: one at a time for them.
         observed = self.observed
         want = 1 if observed else self._rx_batch
+        # With merged buffers a frame is read across as many chains as the last
+        # one took (a GSO stream: several), so it lands in place, not in the
+        # bounce buffer to be copied on.
+        can_span = mrg and vnet and not observed
+        span = self._rx_span if can_span else 1
         taken = 0
         stop = False
         while taken < BUDGET and not stop:
-            chains = q.pop_batch(min(want, BUDGET - taken))
+            chains = q.pop_batch(max(span, min(want, BUDGET - taken)))
             if not chains:
                 self._starve(q)
                 break
-            for i, chain in enumerate(chains):
+            i, end = 0, len(chains)
+            while i < end:
+                chain = chains[i]
                 room = chain.writable_len
                 if room < hdr:
                     c.errors += 1  # a buffer that cannot even hold the header
                     done.append((chain.head, 0))
+                    i += 1
                     continue
                 writable = chain.writable
-                bufs = (writable if vnet else skip(writable, hdr)) + bounce_list
+                if span > 1 and i + span > end and i > 0:
+                    # Too few chains left in this batch for a whole span: give them
+                    # back and take a new batch that starts with them.
+                    for _ in range(end - i):
+                        q.unpop()
+                    break
+                if span > 1 and i + 1 < end:
+                    bufs = list(writable)
+                    for extra in chains[i + 1 : i + span]:
+                        bufs += extra.writable
+                        room += extra.writable_len
+                    bufs.append(bounce)
+                else:
+                    bufs = (writable if vnet else skip(writable, hdr)) + bounce_list
                 try:
                     n = read(bufs)
                 except BlockingIOError:
@@ -504,7 +526,7 @@ class QueuePair:
                     c.errors += 1
                     log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
                 if n < 0:
-                    for _ in range(len(chains) - i):
+                    for _ in range(end - i):
                         q.unpop()
                     stop = True
                     break
@@ -516,10 +538,11 @@ class QueuePair:
                     outcome = self._observe_rx(q, chain, total, room, done)
                     if outcome is not None:  # dropped, or replaced and placed (or pending)
                         if outcome:
+                            i += 1
                             continue
                         stop = True
                         break
-                if total <= room:
+                if total <= chain.writable_len:
                     if mrg:  # num_buffers = 1
                         first = writable[0]
                         if len(first) >= 12:
@@ -529,28 +552,52 @@ class QueuePair:
                     done.append((chain.head, total))
                     packets += 1
                     nbytes += total - hdr
+                    span = self._rx_span = 1
+                    i += 1
+                    continue
+                if total <= room:
+                    # Read in place across chains i, i+1, ...: return each with its share.
+                    left, used = total, 0
+                    while left > 0:
+                        part = chains[i + used]
+                        k = min(left, part.writable_len)
+                        done.append((part.head, k))
+                        left -= k
+                        used += 1
+                    write_at(writable, 10, used.to_bytes(2, "little"))
+                    packets += 1
+                    nbytes += total - hdr
+                    span = self._rx_span = used
+                    i += used
                     continue
                 # The frame ran on into the bounce buffer.
                 overflow = bounce[: total - room]
                 if not mrg:
                     c.drops += 1  # the guest's buffers are too small for this frame
                     done.append((chain.head, 0))
+                    i += 1
                     continue
                 # Further buffers come from the ring in order: give back the rest
                 # of this batch first.
-                for _ in range(len(chains) - i - 1):
+                spanned = chains[i : i + span] if span > 1 else [chain]
+                for _ in range(end - i - len(spanned)):
                     q.unpop()
-                if not self._place_merged(q, chain, room, overflow, done):
+                self._rx_span = min(BUDGET, max(len(spanned), -(-total // chain.writable_len)))
+                if can_span:
+                    span = self._rx_span
+                if not self._place_spanned(q, spanned, total - len(overflow), overflow, done):
                     # Not enough buffers for the rest: keep the whole frame for later.
                     frame = bytearray(total)
                     pos = 0
-                    for v in writable:
-                        k = min(len(v), room - pos)
-                        frame[pos : pos + k] = v[:k]
-                        pos += k
-                    frame[room:] = overflow
+                    for part in spanned:
+                        for v in part.writable:
+                            k = min(len(v), total - len(overflow) - pos)
+                            frame[pos : pos + k] = v[:k]
+                            pos += k
+                    frame[pos:] = overflow
                     self._pending = bytes(frame)
-                    q.unpop()
+                    for _ in spanned:
+                        q.unpop()
                     self._starve_for_more(q)
                     stop = True
                 break  # the batch is spent (given back or used): take a new one
@@ -567,6 +614,11 @@ class QueuePair:
 
     def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
         """Copy `overflow` into further chains; on success queue all completions."""
+        return self._place_spanned(q, [first], room, overflow, done)
+
+    def _place_spanned(self, q: SplitQueue, firsts: list, room: int, overflow, done) -> bool:
+        """The frame filled chains `firsts` (`room` bytes) and ran on into `overflow`:
+        copy that into further chains; on success queue all completions."""
         extra = []
         pos = 0
         while pos < len(overflow):
@@ -578,8 +630,9 @@ class QueuePair:
             n = scatter(chain.writable, overflow[pos:])
             extra.append((chain.head, n))
             pos += n
-        write_at(first.writable, 10, (1 + len(extra)).to_bytes(2, "little"))
-        done.append((first.head, room))
+        write_at(firsts[0].writable, 10, (len(firsts) + len(extra)).to_bytes(2, "little"))
+        for part in firsts:
+            done.append((part.head, part.writable_len))
         done.extend(extra)
         self.rx_counters.packets += 1
         self.rx_counters.bytes += room + len(overflow) - self.hdr_size
