@@ -5,9 +5,9 @@ a reader and a writer callback. Pollers are callbacks run on every
 iteration, for rings the front-end asked to be polled (no kick fd); busy
 pollers run on every iteration too, and while there is one the loop does not
 sleep (a datapath polling its ring instead of waiting for kicks). Timers run
-a callback once at a monotonic time in nanoseconds; epoll cannot sleep less
-than a millisecond, so a timer due sooner than that is waited for by
-spinning.
+a callback once at a monotonic time in nanoseconds; epoll's own timeout is in
+milliseconds, so the earliest timer arms a timerfd that epoll watches, which
+wakes it on time without spinning.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import selectors
 import time
 from collections.abc import Callable
 
+from pyvhost.timerfd import TimerFd
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
 
 # While a ring is polled rather than kicked, wake up this often.
 POLL_INTERVAL = 0.001
-# epoll's resolution: a timer due within this is waited for by spinning.
-_EPOLL_RESOLUTION_NS = 1_000_000
 
 
 class Timer:
@@ -59,6 +59,7 @@ class EventLoop:
         self._pollers: dict[object, tuple[Callback, object]] = {}
         self._busy: dict[object, tuple[Callback, object]] = {}
         self._timers: list[tuple[int, int, Timer]] = []  # heap of (when_ns, seq, timer)
+        self._timerfd: TimerFd | None = None
         self._soon: list[tuple[Callback, object]] = []  # run once, at the next iteration
         self._seq = itertools.count()
         self.stopping = False
@@ -66,6 +67,10 @@ class EventLoop:
         # Called with an exception whose owner has no loop_error (then the loop
         # goes on); None: the exception propagates out of run_once.
         self.error_handler: Callable[[Exception], None] | None = None
+        # Wakes epoll for the earliest timer; made now, so a loop's fds are the
+        # same before and after its first timer.
+        self._timerfd = TimerFd()
+        self._update(self._timerfd.fd, 0, self._timerfd.clear)
 
     @contextlib.contextmanager
     def owned_by(self, owner: object):
@@ -141,11 +146,12 @@ class EventLoop:
         while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
         if self._timers:
-            due_in = self._timers[0][0] - time.monotonic_ns()
-            if due_in < _EPOLL_RESOLUTION_NS:
+            when = self._timers[0][0]
+            if when <= time.monotonic_ns():
                 return 0
-            wait = (due_in - _EPOLL_RESOLUTION_NS) / 1e9  # wake early, spin the rest
-            timeout = wait if timeout is None else min(timeout, wait)
+            self._timerfd.arm(when)
+        elif self._timerfd is not None:
+            self._timerfd.disarm()
         return timeout
 
     def _run_timers(self) -> None:
@@ -208,6 +214,9 @@ class EventLoop:
         self.stopping = True
 
     def close(self) -> None:
+        if self._timerfd is not None:
+            self._timerfd.close()
+            self._timerfd = None
         self._selector.close()
         self._callbacks.clear()
         self._pollers.clear()
