@@ -393,6 +393,86 @@ def rx_pps_once(kind: str, size: int, seconds: int, workdir: Path, netdev: str =
         stop_backend(backend)
 
 
+# --- 2c. queue pairs in worker processes ---------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def bench_workers(args, workdir: Path) -> dict:
+    """64-byte frames into the TAP over 1 and 2 queue pairs, each pair in its own
+    worker process, and 2 pairs in one process for comparison. The generator
+    (testpmd txonly, one forwarding lcore for all queues) busy-polls core 0; the
+    workers go one per core from core 1, so with 2 pairs worker 1 shares core
+    0 with the generator. Per worker: CPU seconds and frames, for the cost per
+    frame that the scaling model rests on."""
+    runs = {"workers/1": (1, True), "workers/2": (2, True), "one-process/2": (2, False)}
+    out: dict = {name: {} for name in runs}
+    for r in range(args.repeats):
+        for name, (pairs, workers) in runs.items():
+            print(f"  queue pairs run {r + 1}/{args.repeats}: {name}", flush=True)
+            for k, v in workers_once(pairs, workers, args.seconds, workdir).items():
+                out[name].setdefault(k, []).append(v)
+    return {name: {k: summary(v) for k, v in d.items()} for name, d in out.items()}
+
+
+def workers_once(pairs: int, workers: bool, seconds: int, workdir: Path) -> dict:
+    from pyvhost.stats import fetch
+
+    ifname = f"pb{uuid.uuid4().hex[:8]}"
+    sock = str(workdir / f"w-{uuid.uuid4().hex[:6]}.sock")
+    tuning = ["--workers"] if workers else []
+    backend = PyvhostProcess(pyvhost_net(sock, ifname, tuning, f",queues={pairs}"), sock)
+    pin(backend.pid, BACKEND_CORE)
+    gen = None
+    try:
+        set_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1")
+        ip("link", "set", "dev", ifname, "up")
+        gen = Testpmd(
+            f"net_virtio_user0,path={sock},queues={pairs},queue_size=256",
+            ["--forward-mode=txonly", "--txpkts=64", f"--txq={pairs}", f"--rxq={pairs}",
+             "--auto-start"],
+            prefix=f"gen-{uuid.uuid4().hex[:6]}", cores=f"{GUEST_CORE},{BACKEND_CORE}",
+            main_lcore=int(BACKEND_CORE),  # its forwarding lcore is then core 0
+        )  # fmt: skip
+        gen.wait_started()
+        procs = [backend.pid]
+        if workers:
+            wait_for(lambda: len(children(backend.pid)) == pairs, 20, "the workers")
+            procs = children(backend.pid)
+            for i, w in enumerate(procs):  # one per core, from the backend's core on
+                pin(w, str((int(BACKEND_CORE) + i) % os.cpu_count()))
+        gen_start = time.monotonic()
+        time.sleep(1)
+        stats = sock + ".stats"
+        q0 = fetch(stats)["queues"]
+        p0 = tap_counters(ifname)[0]
+        c0, t0 = [cpu_seconds(p) for p in procs], time.monotonic()
+        time.sleep(seconds)
+        q1 = fetch(stats)["queues"]
+        p1 = tap_counters(ifname)[0]
+        c1, t1 = [cpu_seconds(p) for p in procs], time.monotonic()
+        sent = gen.stop().tx_packets
+        elapsed = t1 - t0
+        frames = [q1[f"tx{i}"]["packets"] - q0[f"tx{i}"]["packets"] for i in range(pairs)]
+        result = {
+            "mpps": (p1 - p0) / elapsed / 1e6,
+            "gen_mpps": sent / (time.monotonic() - gen_start) / 1e6,
+        }
+        for i, (a, b) in enumerate(zip(c0, c1, strict=True)):
+            name = f"worker{i}" if workers else "process"
+            result[f"{name}_cpu"] = (b - a) / elapsed
+            share = frames[i] if workers else sum(frames)
+            result[f"{name}_us_per_frame"] = (b - a) / max(1, share) * 1e6
+        return result
+    finally:
+        if gen is not None:
+            gen.kill()
+        backend.stop()
+
+
 # --- 3. large frames and 5. latency (the Python front-end as the guest) ------------------
 
 
@@ -558,7 +638,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--only", default="throughput,pps,rxpps,tso,latency")
+    ap.add_argument("--only", default="throughput,pps,rxpps,workers,tso,latency")
+    ap.add_argument(
+        "--workers",
+        action="store_true",
+        help="add the queue-pairs-in-worker-processes run to --only (the same as "
+        "--only ...,workers); with --only workers, that run alone",
+    )
     ap.add_argument(
         "--untuned",
         action="store_true",
@@ -580,6 +666,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     which = set(args.only.split(","))
+    if args.workers:
+        which.add("workers")
     if os.geteuid() != 0:
         print("bench/run.py needs root (TAPs, namespaces, hugepages)", file=sys.stderr)
         return 2
@@ -597,7 +685,7 @@ def main() -> int:
                      "pinning": {"guest": GUEST_CORE, "backend": BACKEND_CORE}}  # fmt: skip
     pages = None
     try:
-        if which & {"throughput", "pps", "rxpps"}:
+        if which & {"throughput", "pps", "rxpps", "workers"}:
             pages = Hugepages(1024)  # two testpmds at once (backend and generator), -m 512 each
         if "throughput" in which:
             print("1. guest throughput (iperf3 TCP, one TCG guest)")
@@ -608,6 +696,9 @@ def main() -> int:
         if "rxpps" in which:
             print("2b. packet rate out of the TAP (af_packet txonly in, virtio_user rxonly out)")
             results["rx_pps"] = bench_rx_pps(args, workdir)
+        if "workers" in which:
+            print("2c. queue pairs in worker processes, 64-byte frames into the TAP")
+            results["workers"] = bench_workers(args, workdir)
         if "tso" in which:
             print("3. 64 KiB TSO frames, Python front-end through pyvhost")
             sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -665,6 +756,30 @@ def report(results: dict) -> None:
             a, b = p[f"pyvhost/{size}"]["mpps"]["median"], p[f"dpdk/{size}"]["mpps"]["median"]
             ratios[f"{size}-byte rx pps vs dpdk"] = a / b
             print(f"  pyvhost/dpdk {size}-byte receive: {a / b:.2f}")
+    if "workers" in results:
+        w = results["workers"]
+        print("Queue pairs in worker processes, 64-byte frames into the TAP, Mpps "
+              "[generator's own rate]; per process CPU share and us of CPU per frame")  # fmt: skip
+        for name, d in w.items():
+            procs = sorted(k[: -len("_cpu")] for k in d if k.endswith("_cpu"))
+            costs = "  ".join(
+                f"{p} {d[p + '_cpu']['median']:.0%} {d[p + '_us_per_frame']['median']:.2f} us"
+                for p in procs
+            )
+            print(f"  {name:14} {fmt(d['mpps'], digits=3)}  [gen {d['gen_mpps']['median']:.3f}]"
+                  f"  {costs}")  # fmt: skip
+        one, two = w["workers/1"], w["workers/2"]
+        ratio = two["mpps"]["median"] / one["mpps"]["median"]
+        ratios["2 workers vs 1 (measured)"] = ratio
+        per_frame = [two[k]["median"] for k in two if k.endswith("_us_per_frame")]
+        model = 2 * one["worker0_us_per_frame"]["median"] / max(per_frame)
+        print(
+            f"  2 workers / 1, measured: {ratio:.2f} (the generator busy-polls core 0, "
+            "which worker 1 shares)"
+        )
+        print(
+            f"  2 workers / 1, scaling model (a core each, rate = 1 / CPU per frame): {model:.2f}"
+        )
     if "tso" in results:
         for kind, s in results["tso"].items():
             print(f"64 KiB TSO frames, {kind}: to host {fmt(s['to_host_gbits'])} Gbit/s, "
