@@ -48,6 +48,8 @@ def pyvhost_variants(args) -> dict[str, list[str]]:
     """pyvhost with its defaults first, then each --also (and --untuned) setting:
     the name printed for it, and its extra `pyvhost net` options."""
     out = {"pyvhost": []}
+    for name, tree in BEFORE.items():
+        out[name] = [FROM_TREE + tree]
     if args.untuned:
         out["pyvhost-untuned"] = UNTUNED
     for extra in args.also:
@@ -59,6 +61,37 @@ def pyvhost_net(sock: str, ifname: str, tuning: list[str] = (), netdev: str = ""
     """`pyvhost net` on a new TAP, with a variant's options (`netdev`: more
     tap options, e.g. ",vhost=on")."""
     return ["net", "--socket", sock, "--netdev", f"tap,ifname={ifname}{netdev}", *tuning]
+
+
+# --before REV: pyvhost as it was at REV, run from an exported tree beside the
+# current one in every comparison ("pyvhost@REV"), for before/after figures
+# from one invocation on one machine.
+BEFORE: dict[str, str] = {}  # variant name -> the exported tree's src directory
+FROM_TREE = "--from-tree="
+
+
+def export_tree(rev: str, workdir: Path) -> str:
+    """The package as it was at git revision `rev`, exported under workdir."""
+    root = Path(__file__).resolve().parent.parent
+    dest = workdir / f"tree-{rev.replace('/', '_')}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src"],
+                             capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return str(dest / "src")
+
+
+def start_pyvhost(args: list[str], sock: str) -> PyvhostProcess:
+    """PyvhostProcess, from an exported tree if the options carry --from-tree=."""
+    trees = [a[len(FROM_TREE) :] for a in args if a.startswith(FROM_TREE)]
+    args = [a for a in args if not a.startswith(FROM_TREE)]
+    env = {"PYTHONPATH": trees[0]} if trees else None
+    return PyvhostProcess(args, sock, env=env)
+
+
+def pyvhost_kinds() -> list[str]:
+    """The pyvhost backends the TAP runs compare: this tree, and --before's."""
+    return ["pyvhost", *BEFORE]
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -116,7 +149,7 @@ class GuestSetup:
         extra: list[str] = []
         socket = self.sock
         if self.kind.startswith("pyvhost"):
-            self.pyvhost = PyvhostProcess(
+            self.pyvhost = start_pyvhost(
                 pyvhost_net(self.sock, self.ifname, self.tuning), self.sock
             )
             pin(self.pyvhost.pid, BACKEND_CORE)
@@ -215,11 +248,11 @@ def bench_throughput(args, image, workdir: Path) -> dict:
 def bench_pps(args, workdir: Path) -> dict:
     results: dict = {}
     for size in (64, 1500):
-        for kind in ("pyvhost", "dpdk"):
+        for kind in (*pyvhost_kinds(), "dpdk"):
             results[f"{kind}/{size}"] = {"mpps": [], "gen_mpps": [], "cpu_per_gb": []}
     for r in range(args.repeats):
         for size in (64, 1500):
-            for kind in ("pyvhost", "dpdk"):
+            for kind in (*pyvhost_kinds(), "dpdk"):
                 print(f"  packet rate run {r + 1}/{args.repeats}: {kind}, {size}-byte frames",
                       flush=True)  # fmt: skip
                 mpps, gen, cpu = pps_once(kind, size, args.seconds, workdir)
@@ -236,8 +269,9 @@ def start_tap_backend(kind: str, ifname: str, sock: str, netdev: str = ""):
     The TAP needs no address, so it stays here, up, with IPv6 off so the
     kernel adds no frames of its own.
     """
-    if kind == "pyvhost":
-        backend = PyvhostProcess(pyvhost_net(sock, ifname, netdev=netdev), sock)
+    if kind.startswith("pyvhost"):
+        tuning = [FROM_TREE + BEFORE[kind]] if kind in BEFORE else []
+        backend = start_pyvhost(pyvhost_net(sock, ifname, tuning, netdev), sock)
         pin(backend.pid, BACKEND_CORE)
         pid = backend.pid
     else:
@@ -317,7 +351,7 @@ def bench_rx_pps(args, workdir: Path) -> dict:
     results: dict = {}
     for r in range(args.repeats):
         for size in (64, 1500):
-            for kind in ("pyvhost", "dpdk"):
+            for kind in (*pyvhost_kinds(), "dpdk"):
                 print(f"  receive packet rate run {r + 1}/{args.repeats}: {kind}, "
                       f"{size}-byte frames", flush=True)  # fmt: skip
                 run = rx_pps_once(kind, size, args.seconds, workdir)
@@ -424,7 +458,7 @@ def workers_once(pairs: int, workers: bool, seconds: int, workdir: Path) -> dict
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / f"w-{uuid.uuid4().hex[:6]}.sock")
     tuning = ["--workers"] if workers else []
-    backend = PyvhostProcess(pyvhost_net(sock, ifname, tuning, f",queues={pairs}"), sock)
+    backend = start_pyvhost(pyvhost_net(sock, ifname, tuning, f",queues={pairs}"), sock)
     pin(backend.pid, BACKEND_CORE)
     gen = None
     try:
@@ -503,7 +537,7 @@ def tso_once(args, workdir: Path, tuning: list[str], netdev: str) -> dict[str, f
     netns = NetNamespace("pyvhost-bench")
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / "tso.sock")
-    d = PyvhostProcess(pyvhost_net(sock, ifname, tuning, netdev), sock)
+    d = start_pyvhost(pyvhost_net(sock, ifname, tuning, netdev), sock)
     pin(d.pid, BACKEND_CORE)
     out: dict[str, float] = {}
     try:
@@ -578,7 +612,7 @@ def latency_run(workdir: Path, tuning: list[str]) -> dict:
     netns = NetNamespace("pyvhost-bench")
     ifname = f"pb{uuid.uuid4().hex[:8]}"
     sock = str(workdir / "lat.sock")
-    d = PyvhostProcess(pyvhost_net(sock, ifname, tuning), sock)
+    d = start_pyvhost(pyvhost_net(sock, ifname, tuning), sock)
     pin(d.pid, BACKEND_CORE)
     echo = None
     try:
@@ -660,6 +694,12 @@ def main() -> int:
         'in the throughput, tso and latency comparisons, e.g. --also "--poll-us 200"',
     )
     ap.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run pyvhost as it was at git revision REV (exported beside this "
+        "tree) in every comparison: before and after from one invocation",
+    )
+    ap.add_argument(
         "--dpdk-guest",
         action="store_true",
         help="also run the guest through testpmd vhost+tap (fails here, see doc)",
@@ -674,6 +714,8 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"pyvhost-bench-{os.getpid()}"
     workdir.mkdir()
+    if args.before:
+        BEFORE[f"pyvhost@{args.before}"] = export_tree(args.before, workdir)
     machine = (f"{platform.python_implementation()} {platform.python_version()}, "
                f"{os.cpu_count()} cores, {platform.machine()}")  # fmt: skip
     print(f"machine: {machine}")
@@ -725,6 +767,9 @@ def report(results: dict) -> None:
             print(f"  {kind:22} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
                   f"  cpu/GB {k['cpu_per_gb']['median']:.2f}")  # fmt: skip
         for anchor in [a for a in ("qemu-tap", "dpdk") if a in t]:
+            for kind in [k for k in t if k.startswith("pyvhost")]:
+                cpu = t[kind]["cpu_per_gb"]["median"] / t[anchor]["cpu_per_gb"]["median"]
+                print(f"  {kind}/{anchor} CPU per GB: {cpu:.2f}x (target at most 1.5x)")
             for d in ("to_host", "to_guest"):
                 ratio = t["pyvhost"][d]["median"] / t[anchor][d]["median"]
                 ratios[f"iperf3 {d.replace('_', ' ')} vs {anchor}"] = ratio
@@ -739,9 +784,11 @@ def report(results: dict) -> None:
             print(f"  {key:13} {fmt(d['mpps'], digits=3)}  [gen {d['gen_mpps']['median']:.3f}]"
                   f"  cpu/GB {d['cpu_per_gb']['median']:.2f}")  # fmt: skip
         for size in (64, 1500):
-            ratio = p[f"pyvhost/{size}"]["mpps"]["median"] / p[f"dpdk/{size}"]["mpps"]["median"]
-            ratios[f"{size}-byte pps vs dpdk"] = ratio
-            print(f"  pyvhost/dpdk {size}-byte: {ratio:.2f}")
+            for kind in pyvhost_kinds():
+                ratio = p[f"{kind}/{size}"]["mpps"]["median"] / p[f"dpdk/{size}"]["mpps"]["median"]
+                if kind == "pyvhost":
+                    ratios[f"{size}-byte pps vs dpdk"] = ratio
+                print(f"  {kind}/dpdk {size}-byte: {ratio:.2f} (target 0.7)")
     if "rx_pps" in results:
         p = results["rx_pps"]
         print(
@@ -753,9 +800,11 @@ def report(results: dict) -> None:
             print(f"  {key:13} {fmt(d['mpps'], digits=3)}  [offered {offer:.3f}, dropped "
                   f"{dropped:.0%}]  cpu {d['backend_cpu']['median']:.0%}")  # fmt: skip
         for size in (64, 1500):
-            a, b = p[f"pyvhost/{size}"]["mpps"]["median"], p[f"dpdk/{size}"]["mpps"]["median"]
-            ratios[f"{size}-byte rx pps vs dpdk"] = a / b
-            print(f"  pyvhost/dpdk {size}-byte receive: {a / b:.2f}")
+            for kind in pyvhost_kinds():
+                a, b = p[f"{kind}/{size}"]["mpps"]["median"], p[f"dpdk/{size}"]["mpps"]["median"]
+                if kind == "pyvhost":
+                    ratios[f"{size}-byte rx pps vs dpdk"] = a / b
+                print(f"  {kind}/dpdk {size}-byte receive: {a / b:.2f}")
     if "workers" in results:
         w = results["workers"]
         print("Queue pairs in worker processes, 64-byte frames into the TAP, Mpps "
