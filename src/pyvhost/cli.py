@@ -196,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = command(
         "datapath",
-        "move a running pyvhost net's queue pairs between the kernel (vhost-net) and "
-        "Python datapaths, losslessly",
+        "move a running pyvhost net's queue pairs between the kernel (vhost-net), the "
+        "Python datapath in the control process, and worker processes, losslessly",
         "pyvhost datapath --socket /run/vm1.sock python",
         "pyvhost datapath --socket /run/vm1.sock --pair 0 kernel",
+        "pyvhost datapath --socket /run/vm1.sock --pair 1 worker",
     )
     dp.add_argument("--socket", required=True, metavar="PATH", help="the daemon's --socket-path")
     dp.add_argument("--stats-socket", metavar="PATH", help="if the daemon was given one")

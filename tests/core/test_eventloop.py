@@ -136,3 +136,49 @@ def test_without_an_owner_an_error_propagates():
     with pytest.raises(ZeroDivisionError):
         loop.run_once(0)
     loop.close()
+
+
+def test_waiting_for_timers_sleeps_rather_than_spins():
+    # Moderation windows are shorter than epoll's millisecond: 200 timers, each
+    # 500 us after the last, are waited for asleep, each on time.
+    loop = EventLoop()
+    fired: list[int] = []
+    due: list[int] = []
+
+    def rearm() -> None:
+        fired.append(time.monotonic_ns())
+        if len(fired) < 200:
+            due.append(time.monotonic_ns() + 500_000)
+            loop.call_at(due[-1], rearm)
+
+    due.append(time.monotonic_ns() + 500_000)
+    loop.call_at(due[-1], rearm)
+    cpu0 = time.process_time()
+    while len(fired) < 200:
+        loop.run_once(None)
+    cpu = time.process_time() - cpu0
+    assert all(f >= d for f, d in zip(fired, due, strict=True))
+    assert cpu < 0.05, f"{cpu:.3f} s of CPU to wait 0.1 s for timers"
+    loop.close()
+
+
+def test_a_timer_due_within_a_millisecond_wakes_the_loop_without_a_ready_fd():
+    loop = EventLoop()
+    fired = []
+    loop.call_at(time.monotonic_ns() + 200_000, lambda: fired.append(True))  # 200 us
+    loop.run_once(None)  # no fd will become ready: only the timer can end the wait
+    while not fired:
+        loop.run_once(None)
+    assert fired == [True]
+    loop.close()
+
+
+def test_an_idle_loop_has_no_timer_armed():
+    loop = EventLoop()
+    t = loop.call_at(time.monotonic_ns() + 10_000_000_000, lambda: None)
+    loop.run_once(0)
+    t.cancel()
+    loop.run_once(0)
+    spec = open(f"/proc/self/fdinfo/{loop._timerfd.fd}").read()
+    assert "it_value: (0, 0)" in spec, spec  # nothing will wake an idle daemon
+    loop.close()
