@@ -489,7 +489,10 @@ class QueuePair:
         taken = 0
         stop = False
         while taken < BUDGET and not stop:
-            chains = q.pop_batch(max(span, min(want, BUDGET - taken)))
+            n = max(span, min(want, BUDGET - taken))
+            if span > 1:
+                n -= n % span  # whole spans: a span cut at the batch's end is given back
+            chains = q.pop_batch(n)
             if not chains:
                 self._starve(q)
                 break
