@@ -164,3 +164,29 @@ def switch_under_traffic(d: NetDaemon, netns, kinds: list[str], total: int = 300
     assert received_out == outgoing  # guest to host: none lost, doubled or reordered
     assert got_in == numbered(total, out=False)  # host to guest: likewise
     host.close()
+
+
+def hot_plug_reaches_the_engine(d: NetDaemon, netns) -> None:
+    """Frames sent from a region added while the rings run reach the TAP; after
+    the region is removed, a descriptor into it breaks the ring (error eventfd):
+    whatever serves the rings (a worker, the kernel) has the new map."""
+    from pyvhost.devices.net import spec
+
+    host = big_socket(netns, d.ifname)
+    with NetFrontend.connect(d.sock, use_add_mem_reg=True) as fe:
+        desc, dimm = fe.add_region(1 << 32, 1 << 20)
+        sent = numbered(20)
+        for i, f in enumerate(sent):  # sent from the DIMM: only there if the engine knows it
+            fe.send(f, buffer=dimm.guest_base + 4096 * i)
+        assert recv_ours(host, 20) == sent
+        wait_for(lambda: fe.tx_done() == 20, 20, "completions")
+        fe.remove_region(desc)
+        after = numbered(20, start=20)
+        for f in after:
+            fe.send(f)
+        assert recv_ours(host, 20) == after
+        tx = fe.rings[spec.tx_queue(0)]
+        tx.inflight[tx.queue.add(readable=[(desc.guest_addr, 90)])] = None
+        tx.queue.kick()
+        wait_for(lambda: fe.ring_errors(spec.tx_queue(0)) > 0, 20, "the ring's error")
+    host.close()

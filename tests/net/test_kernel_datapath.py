@@ -26,6 +26,7 @@ from .conftest import (
     big_socket,
     cpu_seconds,
     frame,
+    hot_plug_reaches_the_engine,
     numbered,
     receive_ours,
     recv_ours,
@@ -161,26 +162,7 @@ def test_a_64k_tso_frame_crosses_the_kernel_datapath_both_ways(net_daemon, netns
 
 def test_hot_added_and_removed_memory_reaches_the_kernel_table(net_daemon, netns):
     d = net_daemon("tap,ifname=IFNAME,vhost=on")
-    host = big_socket(netns, d.ifname)
-    with NetFrontend.connect(d.sock, use_add_mem_reg=True) as fe:
-        desc, dimm = fe.add_region(1 << 32, 1 << 20)
-        sent = numbered(20)
-        for i, f in enumerate(sent):  # sent from the DIMM: only there if the kernel knows it
-            fe.send(f, buffer=dimm.guest_base + 4096 * i)
-        assert recv_ours(host, 20) == sent
-        wait_for(lambda: fe.tx_done() == 20, 20, "completions")
-        fe.remove_region(desc)
-        after = numbered(20, start=20)
-        for f in after:
-            fe.send(f)
-        assert recv_ours(host, 20) == after
-        # A descriptor into the removed region: the kernel no longer has it, and
-        # says so on the ring's error eventfd.
-        tx = fe.rings[spec.tx_queue(0)]
-        tx.inflight[tx.queue.add(readable=[(desc.guest_addr, 90)])] = None
-        tx.queue.kick()
-        wait_for(lambda: fe.ring_errors(spec.tx_queue(0)) > 0, 20, "the kernel's ring error")
-    host.close()
+    hot_plug_reaches_the_engine(d, netns)
 
 
 def test_switching_between_kernel_and_python_loses_doubles_and_reorders_nothing(net_daemon, netns):

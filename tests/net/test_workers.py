@@ -18,7 +18,14 @@ from pyvhost.control import request
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.stats import fetch
 from pyvhost.testing.processes import wait_for
-from tests.net.conftest import NetDaemon, big_socket, numbered, recv_ours, switch_under_traffic
+from tests.net.conftest import (
+    NetDaemon,
+    big_socket,
+    hot_plug_reaches_the_engine,
+    numbered,
+    recv_ours,
+    switch_under_traffic,
+)
 from tests.net.test_datapath import (  # noqa: F401 - run again here, with workers
     test_a_64k_gso_frame_from_the_host_arrives_merged_over_many_buffers,
     test_a_64k_tso_frame_from_the_guest_reaches_the_host_whole,
@@ -150,3 +157,8 @@ def test_workers_refuse_a_vhost_on_netdev_naming_both_options(tmp_path):
     )  # fmt: skip
     assert r.returncode != 0
     assert "--workers" in r.stderr and "vhost=on" in r.stderr
+
+
+def test_hot_added_and_removed_memory_reaches_the_worker(net_daemon, netns):
+    d = net_daemon()
+    hot_plug_reaches_the_engine(d, netns)
