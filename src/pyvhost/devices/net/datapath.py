@@ -489,10 +489,10 @@ class QueuePair:
         taken = 0
         stop = False
         while taken < BUDGET and not stop:
-            n = max(span, min(want, BUDGET - taken))
+            size = max(span, min(want, BUDGET - taken))
             if span > 1:
-                n -= n % span  # whole spans: a span cut at the batch's end is given back
-            chains = q.pop_batch(n)
+                size -= size % span  # whole spans: a span cut at the batch's end is given back
+            chains = q.pop_batch(size)
             if not chains:
                 self._starve(q)
                 break

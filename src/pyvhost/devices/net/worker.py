@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 
 from pyvhost.device import RingConfig
@@ -70,7 +69,6 @@ class WorkerPair:
         self._configs: dict[bool, RingConfig] = {}
         self._memory: GuestMemory | None = None
         self._log_sent: object = None  # the DirtyLog the worker marks now
-        self.on_exit: Callable[[], None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -242,7 +240,10 @@ class WorkerPair:
                 sock.settimeout(max(0.0, deadline - time.monotonic()))
                 got = receive(sock)
                 if got is None:
-                    raise WorkerError(f"pair {self.pair}: the worker exited during {op!r}")
+                    status = self._reap()
+                    raise WorkerError(
+                        f"pair {self.pair}: the worker exited ({status}) during {op!r}"
+                    )
                 message, extra = got
                 for fd in extra:
                     os.close(fd)
@@ -256,10 +257,6 @@ class WorkerPair:
             reason = "did not answer" if isinstance(e, TimeoutError) else e
             self._reap()
             raise WorkerError(f"pair {self.pair}: worker: {op}: {reason}") from e
-        except WorkerError as e:
-            if "worker exited" in str(e):
-                self._reap()
-            raise
         finally:
             if self._sock is not None:
                 self._sock.settimeout(None)
@@ -287,8 +284,8 @@ class WorkerPair:
             self._on_broken(*message[1:])
 
     def _reap(self) -> str:
-        """The worker is gone or must go: end it, wait for it, keep its counters' last
-        known values out of reach (they went with it)."""
+        """The worker is gone or must go: close the channel (a live worker exits
+        at its end), wait for it, and say how it ended."""
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
@@ -311,8 +308,6 @@ class WorkerPair:
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-        if self.on_exit is not None:
-            self.on_exit()
         return f"status {code}" if code >= 0 else f"signal {-code}"
 
     def close(self) -> None:

@@ -97,9 +97,8 @@ class Worker:
             self.done = True  # the control process has gone: so do we
             return
         (op, *args), fds = got
-        handler = getattr(self, "op_" + op)
         try:
-            result = handler(*args, fds=fds)
+            result = getattr(self, "op_" + op)(*args, fds=fds)
         except Exception as e:  # noqa: BLE001 - the reason goes back to the caller
             log.debug("worker: %s failed", op, exc_info=True)
             send(self.sock, ("error", f"{type(e).__name__}: {e}"))
