@@ -34,21 +34,28 @@ def rings(draw):
     return size, descs, heads, avail_idx, indirect, draw(st.booleans()), draw(st.booleans())
 
 
+def lay_out(ram, ring):
+    """A driver queue in `ram` holding the drawn ring, and the device queue serving it."""
+    size, descs, heads, avail_idx, indirect, use_indirect, event_idx = ring
+    driver, device = queue_pair(ram, size, indirect=use_indirect, event_idx=event_idx)
+    table = ram.alloc(16 * 8)
+    ram.memory.write(table, b"".join(DESC.pack(*d) for d in indirect))
+    for i, (addr, length, flags, nxt) in enumerate(descs):
+        if flags & 4 and i % 2:
+            addr, length = table, 16 * len(indirect)  # aim some at the real table
+        driver.write_desc(i, addr, length, flags, nxt)
+    for slot, head in enumerate(heads):
+        driver.write_avail_slot(slot, head)
+    driver.set_avail_idx(avail_idx)
+    return driver, device
+
+
 @settings(max_examples=400, deadline=None)
 @given(rings())
 def test_any_ring_yields_valid_chains_or_a_typed_broken_reason(ring):
     size, descs, heads, avail_idx, indirect, use_indirect, event_idx = ring
     with GuestRam(RAM) as ram:
-        driver, device = queue_pair(ram, size, indirect=use_indirect, event_idx=event_idx)
-        table = ram.alloc(16 * 8)
-        ram.memory.write(table, b"".join(DESC.pack(*d) for d in indirect))
-        for i, (addr, length, flags, nxt) in enumerate(descs):
-            if flags & 4 and i % 2:
-                addr, length = table, 16 * len(indirect)  # aim some at the real table
-            driver.write_desc(i, addr, length, flags, nxt)
-        for slot, head in enumerate(heads):
-            driver.write_avail_slot(slot, head)
-        driver.set_avail_idx(avail_idx)
+        driver, device = lay_out(ram, ring)
 
         popped = 0
         for _ in range(size + 2):
@@ -82,20 +89,10 @@ def _chain_facts(chain):
 @settings(max_examples=300, deadline=None)
 @given(rings(), st.integers(1, 20))
 def test_a_batch_pop_takes_what_single_pops_take_and_breaks_alike(ring, limit):
-    size, descs, heads, avail_idx, indirect, use_indirect, event_idx = ring
     outcomes = []
     for batched in (False, True):
         with GuestRam(RAM) as ram:
-            driver, device = queue_pair(ram, size, indirect=use_indirect, event_idx=event_idx)
-            table = ram.alloc(16 * 8)
-            ram.memory.write(table, b"".join(DESC.pack(*d) for d in indirect))
-            for i, (addr, length, flags, nxt) in enumerate(descs):
-                if flags & 4 and i % 2:
-                    addr, length = table, 16 * len(indirect)
-                driver.write_desc(i, addr, length, flags, nxt)
-            for slot, head in enumerate(heads):
-                driver.write_avail_slot(slot, head)
-            driver.set_avail_idx(avail_idx)
+            driver, device = lay_out(ram, ring)
             if batched:
                 chains = device.pop_batch(limit)
             else:

@@ -244,12 +244,9 @@ class WorkerPair:
                     raise WorkerError(
                         f"pair {self.pair}: the worker exited ({status}) during {op!r}"
                     )
-                message, extra = got
-                for fd in extra:
-                    os.close(fd)
-                if message[0] == "broken":
-                    self._on_broken(*message[1:])
-                    continue
+                message = self._take(*got)
+                if message is None:
+                    continue  # an event that came before the answer
                 if message[0] == "error":
                     raise WorkerError(f"pair {self.pair}: worker: {op}: {message[1]}")
                 return message[1]
@@ -261,10 +258,18 @@ class WorkerPair:
             if self._sock is not None:
                 self._sock.settimeout(None)
 
-    def _on_broken(self, index: int, reason: str) -> None:
+    def _take(self, message: tuple, fds: list[int]) -> tuple | None:
+        """A message from the worker: an event (a broken ring) is applied here and
+        gives None; an answer is returned. The worker sends no fds; any are closed."""
+        for fd in fds:
+            os.close(fd)
+        if message[0] != "broken":
+            return message
+        _, index, reason = message
         for config in self._configs.values():
             if config.index == index:
                 config.errors.append(reason)
+        return None
 
     def _on_readable(self) -> None:
         """An event from the worker between requests: a broken ring, or its exit."""
@@ -277,11 +282,7 @@ class WorkerPair:
             raise WorkerError(
                 f"pair {self.pair}: the worker process exited ({status}); its session ends"
             )
-        message, fds = got
-        for fd in fds:
-            os.close(fd)
-        if message[0] == "broken":
-            self._on_broken(*message[1:])
+        self._take(*got)  # between requests only events come
 
     def _reap(self) -> str:
         """The worker is gone or must go: close the channel (a live worker exits
