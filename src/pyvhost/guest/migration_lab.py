@@ -16,6 +16,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pyvhost.guest.image import GuestImage, ensure_image
 from pyvhost.guest.lab import GUEST_IP, HOST_IP, HOST_MAC, PREFIX, _listening_tcp
@@ -60,6 +61,48 @@ def _guest_ram(pid: int) -> tuple[int, int]:
     if not best[1]:
         raise RuntimeError(f"QEMU {pid} has no memfd RAM mapped")
     return best
+
+
+PAGE = 4096
+
+
+@dataclass
+class PageDifference:
+    """One guest page that differs between the two sides after a migration."""
+
+    address: int  # guest-physical
+    source: bytes
+    destination: bytes
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) offsets in the page of the bytes that differ; runs less
+        than 16 bytes apart are one span."""
+        spans: list[list[int]] = []
+        for i, (x, y) in enumerate(zip(self.source, self.destination, strict=True)):
+            if x != y:
+                if spans and i - spans[-1][1] < 16:
+                    spans[-1][1] = i + 1
+                else:
+                    spans.append([i, i + 1])
+        return [(a, b) for a, b in spans]
+
+    def written_by_device(self, used_rings: list[tuple[int, int]], payload: bytes) -> bool:
+        """Whether a lost write here is the back-end's: a byte of a used ring,
+        or received data (the source's bytes are a piece of `payload`, random
+        data the guest was receiving). Anything else was written by the guest's
+        CPU, whose writes QEMU tracks itself: TCG loses some of those (QEMU
+        7.2's migration sync clears a page's dirty bit without taking back the
+        vCPU's writable TLB entry), also with no vhost-user device at all."""
+        for start, end in self.spans():
+            lo, hi = self.address + start, self.address + end
+            if any(lo < ring + size and ring < hi for ring, size in used_rings):
+                return True
+            window = self.source[start:end]
+            if len(window) < 16:  # too short to tell payload from chance
+                continue
+            if any(window[i : i + 16] in payload for i in range(0, len(window) - 15, 32)):
+                return True
+        return False
 
 
 class Side:
@@ -172,12 +215,13 @@ class MigrationLab:
         qmp.execute("cont")
         qmp.execute("announce-self", initial=50, max=550, rounds=3, step=50)
 
-    def ram_differences(self) -> list[int]:
+    def ram_differences(self) -> list[PageDifference]:
         """Guest pages whose contents differ between a (stopped after the
         migration) and b (not yet resumed). Both stopped, so any difference is
-        a write the migration lost: a page a back-end wrote and did not log."""
+        a write the migration lost: by a back-end that did not log it, or by
+        the guest's CPU (see PageDifference.written_by_device)."""
         a, b = (_guest_ram(side.guest.pid) for side in (self.source, self.destination))
-        differ: list[int] = []
+        differ: list[PageDifference] = []
         step = 1 << 20
         pa, pb = self.source.guest.pid, self.destination.guest.pid
         with open(f"/proc/{pa}/mem", "rb", 0) as fa, open(f"/proc/{pb}/mem", "rb", 0) as fb:
@@ -186,9 +230,27 @@ class MigrationLab:
                 fb.seek(b[0] + off)
                 ca, cb = fa.read(step), fb.read(step)
                 if ca != cb:
-                    differ += [off + p for p in range(0, step, 4096)
-                               if ca[p : p + 4096] != cb[p : p + 4096]]  # fmt: skip
+                    differ += [PageDifference(off + p, ca[p : p + PAGE], cb[p : p + PAGE])
+                               for p in range(0, step, PAGE)
+                               if ca[p : p + PAGE] != cb[p : p + PAGE]]  # fmt: skip
         return differ
+
+    def used_rings(self) -> list[tuple[int, int]]:
+        """(guest address, size) of each used ring of the source's NIC, as its
+        QEMU knows them (x-query-virtio-queue-status): the device writes them."""
+        qmp = self.source.qmp
+        rings = []
+        for dev in qmp.execute("x-query-virtio"):
+            if dev.get("name") != "virtio-net":
+                continue
+            path = dev["path"]
+            status = qmp.execute("x-query-virtio-status", path=path)
+            for queue in range(status.get("num-vqs", 0)):
+                q = qmp.execute("x-query-virtio-queue-status", path=path, queue=queue)
+                if q.get("vring-used"):
+                    # flags, idx, the elements, avail_event
+                    rings.append((q["vring-used"], 6 + 8 * q["vring-num"]))
+        return rings
 
     def file_server(self, path: str, port: int, bytes_per_second: float) -> None:
         """Serve `path` once over HTTP from the host side, at a set rate."""
