@@ -11,6 +11,7 @@ bridge) and the TAPs go too, also on failure.
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.guest.qmp import Qmp
 from pyvhost.testing.netns import NetNamespace
 from pyvhost.testing.processes import PyvhostProcess, wait_for
+from pyvhost.virtq.layout import VIRTQ_DESC_F_WRITE
 
 GUEST_MAC = "52:54:00:12:34:56"
 
@@ -86,21 +88,17 @@ class PageDifference:
                     spans.append([i, i + 1])
         return [(a, b) for a, b in spans]
 
-    def written_by_device(self, used_rings: list[tuple[int, int]], payload: bytes) -> bool:
-        """Whether a lost write here is the back-end's: a byte of a used ring,
-        or received data (the source's bytes are a piece of `payload`, random
-        data the guest was receiving). Anything else was written by the guest's
-        CPU, whose writes QEMU tracks itself: TCG loses some of those (QEMU
-        7.2's migration sync clears a page's dirty bit without taking back the
-        vCPU's writable TLB entry), also with no vhost-user device at all."""
+    def written_by_device(self, device_ranges: list[tuple[int, int]]) -> bool:
+        """Whether bytes that differ lie where the back-end writes: a used ring,
+        or an RX buffer the guest had posted (MigrationLab.device_ranges).
+        Anything else was written by the guest's CPU, whose writes QEMU tracks
+        itself: under TCG it loses some (QEMU 7.2's migration sync clears a
+        page's dirty bit without taking back the vCPU's writable TLB entry),
+        also with no vhost-user device at all. Received data the guest copied
+        (to a socket reader's buffer, say) is such a CPU write."""
         for start, end in self.spans():
             lo, hi = self.address + start, self.address + end
-            if any(lo < ring + size and ring < hi for ring, size in used_rings):
-                return True
-            window = self.source[start:end]
-            if len(window) < 16:  # too short to tell payload from chance
-                continue
-            if any(window[i : i + 16] in payload for i in range(0, len(window) - 15, 32)):
+            if any(lo < addr + size and addr < hi for addr, size in device_ranges):
                 return True
         return False
 
@@ -235,22 +233,37 @@ class MigrationLab:
                                if ca[p : p + PAGE] != cb[p : p + PAGE]]  # fmt: skip
         return differ
 
-    def used_rings(self) -> list[tuple[int, int]]:
-        """(guest address, size) of each used ring of the source's NIC, as its
-        QEMU knows them (x-query-virtio-queue-status): the device writes them."""
+    def device_ranges(self) -> list[tuple[int, int]]:
+        """(guest address, size) of what the source's NIC back-end writes, as
+        the source QEMU knows it (x-query-virtio-queue-status): each used ring,
+        and each buffer the RX descriptor tables name (device-writable ones:
+        those posted, and those returned that the guest has not reused yet)."""
         qmp = self.source.qmp
-        rings = []
-        for dev in qmp.execute("x-query-virtio"):
-            if dev.get("name") != "virtio-net":
-                continue
-            path = dev["path"]
-            status = qmp.execute("x-query-virtio-status", path=path)
-            for queue in range(status.get("num-vqs", 0)):
-                q = qmp.execute("x-query-virtio-queue-status", path=path, queue=queue)
-                if q.get("vring-used"):
-                    # flags, idx, the elements, avail_event
-                    rings.append((q["vring-used"], 6 + 8 * q["vring-num"]))
-        return rings
+        pid = self.source.guest.pid
+        ram, ram_size = _guest_ram(pid)
+        ranges: list[tuple[int, int]] = []
+        with open(f"/proc/{pid}/mem", "rb", 0) as mem:
+            for dev in qmp.execute("x-query-virtio"):
+                if dev.get("name") != "virtio-net":
+                    continue
+                path = dev["path"]
+                nvqs = qmp.execute("x-query-virtio-status", path=path).get("num-vqs", 0)
+                for queue in range(nvqs):
+                    q = qmp.execute("x-query-virtio-queue-status", path=path, queue=queue)
+                    num = q["vring-num"]
+                    if not q.get("vring-used") or not num:
+                        continue
+                    ranges.append((q["vring-used"], 6 + 8 * num))  # flags, idx, elements, event
+                    if queue % 2 or (nvqs % 2 and queue == nvqs - 1):
+                        continue  # TX (and the control queue): the device only reads
+                    if not 0 <= q["vring-desc"] <= ram_size - 16 * num:
+                        raise RuntimeError(f"RX queue {queue}'s descriptors lie outside RAM")
+                    mem.seek(ram + q["vring-desc"])
+                    table = mem.read(16 * num)
+                    for addr, length, flags, _ in struct.iter_unpack("<QIHH", table):
+                        if flags & VIRTQ_DESC_F_WRITE and length:
+                            ranges.append((addr, length))
+        return ranges
 
     def file_server(self, path: str, port: int, bytes_per_second: float) -> None:
         """Serve `path` once over HTTP from the host side, at a set rate."""
