@@ -11,7 +11,6 @@ bridge) and the TAPs go too, also on failure.
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.guest.qmp import Qmp
 from pyvhost.testing.netns import NetNamespace
 from pyvhost.testing.processes import PyvhostProcess, wait_for
-from pyvhost.virtq.layout import VIRTQ_DESC_F_WRITE
+from pyvhost.virtq.layout import DESC, VIRTQ_DESC_F_WRITE, desc_table_size, used_ring_size
 
 GUEST_MAC = "52:54:00:12:34:56"
 
@@ -253,14 +252,14 @@ class MigrationLab:
                     num = q["vring-num"]
                     if not q.get("vring-used") or not num:
                         continue
-                    ranges.append((q["vring-used"], 6 + 8 * num))  # flags, idx, elements, event
+                    ranges.append((q["vring-used"], used_ring_size(num)))
                     if queue % 2 or (nvqs % 2 and queue == nvqs - 1):
                         continue  # TX (and the control queue): the device only reads
-                    if not 0 <= q["vring-desc"] <= ram_size - 16 * num:
+                    table_size = desc_table_size(num)
+                    if not 0 <= q["vring-desc"] <= ram_size - table_size:
                         raise RuntimeError(f"RX queue {queue}'s descriptors lie outside RAM")
                     mem.seek(ram + q["vring-desc"])
-                    table = mem.read(16 * num)
-                    for addr, length, flags, _ in struct.iter_unpack("<QIHH", table):
+                    for addr, length, flags, _ in DESC.iter_unpack(mem.read(table_size)):
                         if flags & VIRTQ_DESC_F_WRITE and length:
                             ranges.append((addr, length))
         return ranges
