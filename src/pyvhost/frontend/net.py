@@ -410,10 +410,8 @@ class NetFrontend:
         ring = self.rings[spec.rx_queue(pair)]
         deadline = time.monotonic() + timeout
         while True:
-            used = ring.queue.used()
+            used = self.reclaim_rx(pair)
             if used:
-                for head, _ in used:
-                    ring.slots.append(ring.inflight.pop(head))
                 self.post_rx(pair)
                 return len(used), sum(n for _, n in used)
             if ring.queue.enable_interrupts():
@@ -422,6 +420,15 @@ class NetFrontend:
             if left <= 0:
                 return 0, 0
             self._wait(ring.call, left)
+
+    def reclaim_rx(self, pair: int = 0) -> list[tuple[int, int]]:
+        """The buffers the back-end returned on pair's RX queue, (head, length)
+        each, taken back unread as free slots (not posted again)."""
+        ring = self.rings[spec.rx_queue(pair)]
+        used = ring.queue.used()
+        for head, _ in used:
+            ring.slots.append(ring.inflight.pop(head))
+        return used
 
     def _assemble(self, ring: Ring, used: list[tuple[int, int]]) -> tuple[bytes | None, int]:
         """One frame from the front of `used`, or None if its merged buffers are not all in."""
