@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import machine, summary  # noqa: E402
 from pyvhost.backends.tap import Tap  # noqa: E402
+from pyvhost.backends.uring import SpanWriter  # noqa: E402
 from pyvhost.device import RingConfig  # noqa: E402
 from pyvhost.devices.net.datapath import QueuePair  # noqa: E402
 from pyvhost.eventloop import EventLoop  # noqa: E402
+from pyvhost.memory.region import buffer_address  # noqa: E402
 from pyvhost.testing import GuestRam  # noqa: E402
 from pyvhost.virtq.driver import DriverQueue, ring_footprint  # noqa: E402
 
@@ -39,9 +41,13 @@ class NullHost:
 
     has_vnet_hdr = True
 
-    def __init__(self, fd: int | None = None) -> None:
+    def __init__(self, fd: int | None = None, writer: SpanWriter | None = None) -> None:
         self.fd = fd
+        self.writer = writer
         self._eventfd = os.eventfd(0)
+
+    def span_writer(self) -> SpanWriter | None:
+        return self.writer
 
     def fileno(self) -> int:
         return self._eventfd
@@ -132,6 +138,25 @@ def tap_floor(fd: int, frame_len: int, repeats: int) -> list[float]:
     return rates
 
 
+def uring_floor(fd: int, frame_len: int, repeats: int, batch: int = 64) -> list[float]:
+    """Frames per second of io_uring batches alone, `batch` writes per system call."""
+    frame = bytearray(bytes(12) + b"\xff" * 6 + b"\x02" * 6 + bytes(frame_len - 24))
+    writer = SpanWriter(fd)
+    try:
+        addrs, lengths = [buffer_address(frame)] * batch, [frame_len] * batch
+        rates = []
+        for _ in range(repeats):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.3:
+                for _ in range(16):
+                    writer.write_spans(addrs, lengths)
+                n += 16 * batch
+            rates.append(n / (time.perf_counter() - t0))
+        return rates
+    finally:
+        writer.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -148,13 +173,21 @@ def main() -> None:
             f.write("1")
         subprocess.run(["ip", "link", "set", "dev", ifname, "up"], check=True)
         to_tap = bench(NullHost(tap.fd), length, args.repeats)
+        writer = SpanWriter(tap.fd)
+        try:
+            batched = bench(NullHost(tap.fd, writer), length, args.repeats)
+        finally:
+            writer.close()
         floor = tap_floor(tap.fd, length, args.repeats)
+        batched_floor = uring_floor(tap.fd, length, args.repeats)
     finally:
         tap.close()
     for name, rates in (
         ("Python only (no write)", free),
         ("into a TAP (writev)", to_tap),
+        ("into a TAP (io_uring)", batched),
         ("floor: writev alone", floor),
+        ("floor: io_uring alone", batched_floor),
     ):
         us = 1e6 / statistics.median(rates)
         print(f"  {name:24s} {summary(rates)} frames  ({us:.2f} us/frame)")

@@ -371,6 +371,14 @@ def add_net_options(net: argparse.ArgumentParser) -> None:
         "cores (the control process keeps the vhost-user session); see README, Tuning",
     )
     net.add_argument(
+        "--io-uring",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="write TX frames to the TAP in batches, one io_uring system call per batch "
+        "(auto: where the kernel allows it, said once if not; on: required; off: one "
+        "writev per frame). With a finite sndbuf= frames go one by one",
+    )
+    net.add_argument(
         "--no-migration",
         dest="migration",
         action="store_false",
@@ -613,6 +621,7 @@ def drop_privileges(uid: int | None, gid: int | None, paths: list[str]) -> None:
 def cmd_net(args: argparse.Namespace) -> int:
     from pyvhost.backends.tap_netdev import TapNetdev
     from pyvhost.backends.tap_options import parse_netdev
+    from pyvhost.backends.uring import probe as uring_probe
     from pyvhost.control import ControlServer
     from pyvhost.devices.net.device import VirtioNet
     from pyvhost.memory import logging_supported
@@ -642,6 +651,13 @@ def cmd_net(args: argparse.Namespace) -> int:
             "--workers: the pairs of a vhost=on netdev are served by the kernel; drop "
             "--workers, or use vhost=off"
         )
+    if args.io_uring == "on":
+        why = uring_probe()
+        if why is not None:
+            raise OptionError(
+                f"--io-uring=on: {why}; use --io-uring=auto to write frame by frame where "
+                "io_uring cannot be had (kernel.io_uring_disabled, a container's seccomp filter)"
+            )
     uid, gid = resolve_ids(args.user, args.group)
     endpoint = Endpoint.from_args(args)
     stats_file = endpoint.stats_path(args.stats_socket)
@@ -658,6 +674,8 @@ def cmd_net(args: argparse.Namespace) -> int:
         log.warning("downscript= will run as --user %s, without root's privileges", args.user)
 
     netdev = TapNetdev.open(opts)
+    for queue in netdev.queues:
+        queue.io_uring = args.io_uring
     daemon = stats = None
     try:
         device = VirtioNet(

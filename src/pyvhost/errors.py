@@ -185,5 +185,14 @@ class TapError(PyvhostError):
     """A TAP device could not be opened, configured, read or written."""
 
 
+class UringUnavailableError(PyvhostError):
+    """io_uring cannot be used here (an old kernel, kernel.io_uring_disabled, a
+    seccomp filter such as a container runtime's): TAP writes go one by one."""
+
+    def __init__(self, errno_: int | None, reason: str) -> None:
+        super().__init__(f"io_uring unavailable: {reason}")
+        self.errno = errno_
+
+
 class OptionError(PyvhostError):
     """A command-line option or --netdev sub-option that cannot be used as given."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -44,6 +45,23 @@ def receive_ours(fe, n: int, pair: int = 0, timeout: float = 5.0, **kw) -> list[
             if ours(f[fe.hdr_size :] if kw.get("with_header") else f):
                 got.append(f)
     return got
+
+
+@contextlib.contextmanager
+def io_uring_disabled():
+    """kernel.io_uring_disabled=2 (no process may create a ring), restored after."""
+    path = "/proc/sys/kernel/io_uring_disabled"
+    if not os.path.exists(path) or not os.access(path, os.W_OK):
+        pytest.skip("needs root and a kernel with kernel.io_uring_disabled (6.6+)")
+    with open(path) as f:
+        before = f.read().strip()
+    with open(path, "w") as f:
+        f.write("2")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pyvhost.errors import OptionError
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.testing.netns import link_exists
 
-from .conftest import GUEST_MAC, HOST_MAC, frame, recv_ours
+from .conftest import GUEST_MAC, HOST_MAC, frame, io_uring_disabled, recv_ours
 
 
 def run_net(tmp_path, netdev: str, *extra: str, timeout: float = 20, pass_fds=()):
@@ -103,6 +103,14 @@ def test_a_bad_mac_mtu_user_or_tuning_value_is_refused_before_anything_opens(tmp
         r, sock = run_net(tmp_path, "tap,ifname=pvbadarg", *extra)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not link_exists("pvbadarg") and not os.path.exists(sock)
+
+
+def test_io_uring_on_where_the_kernel_refuses_it_is_an_error_naming_the_option(tmp_path):
+    with io_uring_disabled():
+        r, sock = run_net(tmp_path, "tap,ifname=pvnouring", "--io-uring=on")
+    assert r.returncode == 2, r.stderr
+    assert "--io-uring=on: io_uring unavailable" in r.stderr and "--io-uring=auto" in r.stderr
+    assert not link_exists("pvnouring") and not os.path.exists(sock)
 
 
 def test_scripts_run_with_the_interface_name_after_open_and_before_close(

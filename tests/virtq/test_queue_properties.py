@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 from hypothesis import given, settings, strategies as st
 
 from pyvhost.errors import QueueError
@@ -27,7 +29,8 @@ def descriptor(size):
 def rings(draw):
     size = draw(st.sampled_from([1, 2, 4, 8, 16]))
     descs = draw(st.lists(descriptor(size), min_size=size, max_size=size))
-    heads = draw(st.lists(st.integers(0, 0xFFFF), min_size=size, max_size=size))
+    head = st.one_of(st.integers(0, size - 1), st.integers(0, 0xFFFF))  # mostly in the table
+    heads = draw(st.lists(head, min_size=size, max_size=size))
     avail_idx = draw(st.one_of(st.integers(0, size), st.integers(0, 0xFFFF)))
     # An indirect table the descriptors may point at, itself random.
     indirect = draw(st.lists(descriptor(8), min_size=0, max_size=8))
@@ -107,5 +110,25 @@ def test_a_batch_pop_takes_what_single_pops_take_and_breaks_alike(ring, limit):
                     device.next_avail,
                 )
             )
+            device.close()
+    assert outcomes[0] == outcomes[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(rings(), st.integers(1, 20))
+def test_spans_then_a_batch_take_what_a_batch_alone_takes_and_break_alike(ring, limit):
+    """pop_spans takes the one-buffer readable chains at the front, by host
+    address; pop_batch takes the rest: the same chains, bytes and outcome."""
+    outcomes = []
+    for spans_first in (False, True):
+        with GuestRam(RAM) as ram:
+            driver, device = lay_out(ram, ring)
+            taken = []
+            if spans_first:
+                heads, addrs, lengths = device.pop_spans(limit)
+                for head, addr, length in zip(heads, addrs, lengths, strict=True):
+                    taken.append((head, [ctypes.string_at(addr, length)], [], length, 0))
+            taken += [_chain_facts(c) for c in device.pop_batch(limit - len(taken))]
+            outcomes.append((taken, type(device.broken), str(device.broken), device.next_avail))
             device.close()
     assert outcomes[0] == outcomes[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
@@ -366,3 +367,65 @@ def test_a_chain_that_breaks_the_queue_ends_the_batch_and_keeps_the_ones_before(
     assert [c.head for c in device.pop_batch(8)] == good
     assert device.broken is not None
     assert device.pop_batch(8) == []
+
+
+def test_spans_are_one_readable_buffer_each_given_by_host_address(ram):
+    driver, device = queue_pair(ram, 8)
+    bufs = [ram.alloc(64) for _ in range(3)]
+    for i, b in enumerate(bufs):
+        ram.memory.write(b, bytes([i + 1]) * 64)
+    heads = [driver.add(readable=[(b, 10 + i)]) for i, b in enumerate(bufs)]
+    driver.publish()
+    got_heads, addrs, lengths = device.pop_spans(8)
+    assert got_heads == heads and lengths == [10, 11, 12]
+    assert [ctypes.string_at(a, n) for a, n in zip(addrs, lengths, strict=True)] == [
+        bytes([i + 1]) * (10 + i) for i in range(3)
+    ]
+    assert device.next_avail == 3
+
+
+def test_spans_stop_before_a_chain_of_two_buffers_and_pop_batch_takes_it(ram):
+    driver, device = queue_pair(ram, 8)
+    first = driver.add(readable=[(ram.alloc(32), 32)])
+    two = driver.add(readable=[(ram.alloc(8), 8), (ram.alloc(24), 24)])
+    last = driver.add(readable=[(ram.alloc(32), 32)])
+    driver.publish()
+    assert device.pop_spans(8)[0] == [first]
+    assert device.pop_spans(8)[0] == []  # the next is not a span: left where it is
+    assert [c.head for c in device.pop_batch(8)] == [two, last]
+
+
+def test_spans_stop_before_an_rx_buffer(ram):
+    driver, device = queue_pair(ram, 8)
+    rx = driver.add(writable=[(ram.alloc(32), 32)])
+    driver.publish()
+    assert device.pop_spans(8) == ([], [], [])
+    assert device.pop().head == rx
+
+
+def test_spans_stop_before_a_buffer_outside_guest_memory_which_then_breaks_the_queue(ram):
+    driver, device = queue_pair(ram, 8)
+    good = driver.add(readable=[(ram.alloc(32), 32)])
+    bad = driver.add(readable=[(ram.alloc(32), 32)])
+    driver.write_desc(bad, 1 << 40, 32, 0, 0)
+    driver.publish()
+    assert device.pop_spans(8)[0] == [good]
+    assert device.pop_batch(8) == [] and device.broken is not None
+    assert device.pop_spans(8) == ([], [], [])
+
+
+def test_spans_stop_at_a_buffer_that_crosses_into_the_next_region():
+    mem = GuestMemory()
+    fd = memfd(0x20000)
+    mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
+    mem.add_region(RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000), fd)
+    driver = DriverQueue.layout(mem, 0, 8)
+    device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
+    inside = driver.add(readable=[(0xF000, 0x20)])
+    across = driver.add(readable=[(0xFFF0, 0x20)])
+    driver.publish()
+    assert device.pop_spans(8)[0] == [inside]
+    (chain,) = device.pop_batch(8)
+    assert chain.head == across and [len(v) for v in chain.readable] == [0x10, 0x10]
+    device.close()
+    mem.clear()

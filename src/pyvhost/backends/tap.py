@@ -10,11 +10,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
 
-from pyvhost.errors import TapError
+from pyvhost.backends.uring import SpanWriter
+from pyvhost.errors import TapError, UringUnavailableError
+
+log = logging.getLogger(__name__)
 
 TUN_DEVICE = "/dev/net/tun"
 
@@ -23,6 +27,7 @@ TUNSETIFF = 0x400454CA
 TUNGETFEATURES = 0x800454CF
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
+TUNGETSNDBUF = 0x800454D3
 TUNSETSNDBUF = 0x400454D4
 TUNGETVNETHDRSZ = 0x800454D7
 TUNSETVNETHDRSZ = 0x400454D8
@@ -69,6 +74,11 @@ class Tap:
         self.name = name
         self.flags = flags
         self.vnet_hdr_size = 0
+        # Batched writes through io_uring (--io-uring): "auto" uses them where
+        # the kernel allows, "on" was checked at start-up, "off" never.
+        self.io_uring = "auto"
+        self._span_writer: SpanWriter | None = None
+        self._span_writer_refused = False
 
     # --- opening ---------------------------------------------------------------------
 
@@ -261,7 +271,33 @@ class Tap:
         """One frame from `buffers` (writev)."""
         return os.writev(self.fd, buffers)
 
+    def span_writer(self) -> SpanWriter | None:
+        """Batched writes to this queue (io_uring), made on first use by the process
+        that uses them. None when --io-uring=off, when io_uring is unavailable
+        here (said once), or when sndbuf= is finite: the kernel may then refuse
+        one frame of a batch and take the next, and frames must not be
+        reordered, so each goes by its own writev and waits for room in order."""
+        if self._span_writer is not None or self._span_writer_refused:
+            return self._span_writer
+        if self.io_uring == "off" or self.sndbuf() != 2**31 - 1:
+            self._span_writer_refused = True
+            return None
+        try:
+            self._span_writer = SpanWriter(self.fd)
+        except UringUnavailableError as e:
+            self._span_writer_refused = True
+            say = log.warning if self.io_uring == "on" else log.info
+            say("%s: %s; TX frames go one writev each (--io-uring)", self.name, e)
+        return self._span_writer
+
+    def sndbuf(self) -> int:
+        """The queue's send buffer limit (INT_MAX: none, the default)."""
+        return struct.unpack("i", fcntl.ioctl(self.fd, TUNGETSNDBUF, bytes(4)))[0]
+
     def close(self) -> None:
+        if self._span_writer is not None:
+            self._span_writer.close()
+            self._span_writer = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -313,11 +313,14 @@ class NetFrontend:
         header: bytes | None = None,
         kick: bool = True,
         buffer: int | None = None,
+        split_header: bool = False,
     ) -> int:
         """Post one frame (with a virtio-net header) on pair's TX queue. With
         `kick=False` the frame is published but the kick eventfd is not signalled
         (a back-end that polls must find it on its own). `buffer`: a guest address
-        to send it from (e.g. in a hot-added region) instead of a TX slot."""
+        to send it from (e.g. in a hot-added region) instead of a TX slot.
+        `split_header`: the header and the frame in descriptors of their own, as
+        a driver without VIRTIO_F_ANY_LAYOUT posts them."""
         ring = self.rings[spec.tx_queue(pair)]
         self._reclaim(ring)
         data = (self.header() if header is None else header) + frame
@@ -330,7 +333,12 @@ class NetFrontend:
         else:
             addr = buffer
         self.ram.memory.write(addr, data)
-        head = ring.queue.add(readable=[(self.dma(addr), len(data))])
+        if split_header:
+            hdr = len(data) - len(frame)
+            parts = [(self.dma(addr), hdr), (self.dma(addr + hdr), len(frame))]
+        else:
+            parts = [(self.dma(addr), len(data))]
+        head = ring.queue.add(readable=parts)
         ring.inflight[head] = addr if buffer is None else None
         if kick:
             ring.queue.kick()

@@ -277,6 +277,14 @@ class GuestMemory:
         self._gather_slow(addr, length, views, write, regions)
         return Pin(addr, length, views, regions)
 
+    def host_window(self, addr: int) -> tuple[int, int, int]:
+        """(start, end, host_address - start) of the region holding guest `addr`:
+        for a caller translating a batch of addresses to host ones (io_uring
+        takes addresses, not views) with one lookup while they stay in it. Good
+        only until the map next changes: use it within one call, never keep it."""
+        r = self.find_region(addr)
+        return r.start, r.end, r.host_address - r.start
+
     def host_address(self, addr: int, length: int) -> int:
         """This process's virtual address of guest [addr, addr+length), which must
         sit in one region: what a kernel datapath is told (it reads our mapping)."""

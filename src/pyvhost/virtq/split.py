@@ -27,7 +27,9 @@ memory map changes under a ring, a listener re-resolves the views.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable
+from operator import add, itemgetter
 
 from pyvhost.errors import (
     AvailIndexError,
@@ -151,9 +153,13 @@ class SplitQueue(IotlbStalls):
         # host-side event, a busy poller): the transport tells the driver.
         self.on_broken: Callable[[QueueError], None] | None = None
         self._memory = memory
+        # Host addresses for pop_spans(): a GuestMemory has them, a vIOMMU's
+        # address space (IOVAs) does not.
+        self._host_window = getattr(memory, "host_window", None)
         self._mask = size - 1
         self._pins: list[Pin] = []
         self._desc: memoryview | None = None
+        self._desc64 = self._desc32 = self._desc16 = self._used32 = None  # see _map_rings
         self._avail: memoryview | None = None  # u16 view of the avail ring
         self._used: memoryview | None = None  # the used ring, bytes
         self._used16: memoryview | None = None  # ... and as u16
@@ -336,6 +342,84 @@ class SplitQueue(IotlbStalls):
         self._next_avail = (na + len(out)) & 0xFFFF
         return out
 
+    def pop_spans(self, limit: int) -> tuple[list[int], list[int], list[int]]:
+        """Up to `limit` available chains that are each one device-readable
+        descriptor inside one memory region, as heads, host addresses and
+        lengths: what a batched write (io_uring) takes, with no views built.
+
+        Stops before the first chain that is anything else (a chain of several
+        descriptors, an indirect table, a buffer across regions, a bad index),
+        which pop_batch() then takes with every check of pop(). Empty when the
+        ring is, when the memory cannot give host addresses (a vIOMMU's IOVAs),
+        or when the queue is broken or stalled. The addresses are good until the
+        memory map next changes: write them before returning to the loop.
+        """
+        avail = self._avail
+        window = self._host_window
+        if avail is None or window is None or self.broken is not None or self.stalled is not None:
+            return [], [], []
+        na = self._next_avail
+        idx = avail[_IDX]
+        ahead = (idx - na) & 0xFFFF
+        if ahead == 0 or ahead > self.size:
+            return [], [], []  # pop_batch() re-arms kicks, or breaks the queue
+        self._shadow_avail = idx
+        n = ahead if ahead < limit else limit
+        size = self.size
+        first = na & self._mask
+        end = first + n
+        if end <= size:
+            heads = avail[_ENTRIES + first : _ENTRIES + end].tolist()
+        else:
+            heads = (
+                avail[_ENTRIES + first : _ENTRIES + size].tolist()
+                + avail[_ENTRIES : _ENTRIES + end - size].tolist()
+            )
+        # The whole batch at once (C loops over the table), when every head is
+        # in the table, every descriptor is one readable buffer, and all of them
+        # sit in the region of the first: what a driver posting small frames gives.
+        if max(heads) < size:
+            pick = itemgetter(*[h << 1 for h in heads])
+            addrs_t = pick(self._desc64) if n > 1 else (pick(self._desc64),)
+            pick = itemgetter(*[(h << 2) + 2 for h in heads])
+            lengths_t = pick(self._desc32) if n > 1 else (pick(self._desc32),)
+            pick = itemgetter(*[(h << 3) + 6 for h in heads])
+            flags_t = pick(self._desc16) if n > 1 else (pick(self._desc16),)
+            if not any(flags_t) and 0 not in lengths_t:
+                try:
+                    lo, hi, delta = window(addrs_t[0])
+                except GuestMemoryError:
+                    lo = hi = 0
+                if lo <= min(addrs_t) and max(map(add, addrs_t, lengths_t)) <= hi:
+                    self._next_avail = (na + n) & 0xFFFF
+                    return heads, [a + delta for a in addrs_t], list(lengths_t)
+        # Otherwise one descriptor at a time, up to the first that is not a span.
+        table = self._desc
+        addrs: list[int] = []
+        lengths: list[int] = []
+        lo = hi = delta = 0
+        taken = 0
+        for head in heads:
+            if head >= size:
+                break
+            addr, length, flags, _ = _unpack_desc(table, head << 4)
+            if flags or not length:
+                break
+            if not (lo <= addr and addr + length <= hi):
+                try:
+                    lo, hi, delta = window(addr)
+                except GuestMemoryError:
+                    break  # pop_batch() says what is wrong with it
+                if addr + length > hi:
+                    break
+            addrs.append(addr + delta)
+            lengths.append(length)
+            taken += 1
+        if taken < n:
+            heads = heads[:taken]
+        self._next_avail = (na + taken) & 0xFFFF
+        return heads, addrs, lengths
+
     def _walk(self, head: int) -> DescriptorChain:
         size = self.size
         if head >= size:
@@ -459,6 +543,24 @@ class SplitQueue(IotlbStalls):
         self._used16[_IDX] = nu
         if logging_:
             self._log_used_idx()
+
+    def push_used_read(self, heads: list[int]) -> None:
+        """Return chains the device only read (written = 0, a TX frame), publishing
+        used.idx once: the elements go in as two strided stores, not one by one."""
+        used32 = self._used32
+        if used32 is None or not heads:
+            return
+        nu = self._next_used
+        first = nu & self._mask
+        n = len(heads)
+        if self._memory.log is not None or first + n > self.size or max(heads) >= self.size:
+            self.push_used_batch([(head, 0) for head in heads])  # logs, wraps, or refuses
+            return
+        used32[1 + 2 * first : 1 + 2 * (first + n) : 2] = array("I", heads)
+        used32[2 + 2 * first : 2 + 2 * (first + n) : 2] = array("I", bytes(4 * n))
+        nu = (nu + n) & 0xFFFF
+        self._next_used = nu
+        self._used16[_IDX] = nu
 
     # --- the dirty log (live migration) ------------------------------------------------
 
@@ -609,14 +711,23 @@ class SplitQueue(IotlbStalls):
         self._desc, avail, self._used = (p.views[0] for p in pins)
         self._avail = u16_view(avail)
         self._used16 = u16_view(self._used)
+        # The descriptor table's fields and the used ring's elements as arrays,
+        # for pop_spans() and push_used_read() to read and write whole batches.
+        self._desc64 = self._desc.cast("Q")  # addr: [2*head]
+        self._desc32 = self._desc.cast("I")  # len: [4*head + 2]
+        self._desc16 = self._desc.cast("H")  # flags: [8*head + 6]
+        self._used32 = self._used[: RING_ENTRIES + 8 * self.size].cast("I")  # id, len pairs
         if self._next_used is None:  # first mapped: go on from the ring's used.idx
             self._next_used = self._used16[_IDX]
 
     def _unmap_rings(self) -> None:
-        for view in (self._avail, self._used16):
+        for view in (
+            self._avail, self._used16, self._desc64, self._desc32, self._desc16, self._used32
+        ):  # fmt: skip
             if view is not None:
                 view.release()  # derived views would hold the mapping open
         self._desc = self._avail = self._used = self._used16 = None
+        self._desc64 = self._desc32 = self._desc16 = self._used32 = None
         pins, self._pins = self._pins, []
         for p in pins:
             p.release()

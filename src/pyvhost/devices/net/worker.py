@@ -218,7 +218,8 @@ class WorkerPair:
         self._sock = ours
         tap_fd = os.dup(self.host.fileno())
         try:
-            self._request("setup", self.pair, *self._settings, fds=[tap_fd])
+            io_uring = getattr(self.host, "io_uring", "off")  # the TAP's --io-uring
+            self._request("setup", self.pair, *self._settings, io_uring, fds=[tap_fd])
             self._request("configure", self._features)
         except WorkerError:
             self._reap()

@@ -110,9 +110,12 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------
 
-    def op_setup(self, pair: int, poll_ns: int, tx_window_ns: int, rx_window_ns: int, *, fds):
+    def op_setup(
+        self, pair: int, poll_ns: int, tx_window_ns: int, rx_window_ns: int, io_uring: str, *, fds
+    ):
         (tap_fd,) = fds
         self.host = Tap.from_fd(tap_fd, option="worker tap")
+        self.host.io_uring = io_uring  # its io_uring ring is made here, in this process
         self.pair = QueuePair(
             pair, self.host, self.loop,
             poll_ns=poll_ns, tx_window_ns=tx_window_ns, rx_window_ns=rx_window_ns,
