@@ -46,7 +46,7 @@ class NullHost:
         self.writer = writer
         self._eventfd = os.eventfd(0)
 
-    def span_writer(self) -> SpanWriter | None:
+    def open_span_writer(self) -> SpanWriter | None:
         return self.writer
 
     def fileno(self) -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import select
 
 import pytest
 
 from pyvhost.backends.tap import Tap
-from pyvhost.backends.uring import SpanWriter, probe
+from pyvhost.backends.uring import SpanReader, SpanWriter, probe
 from pyvhost.errors import UringUnavailableError
 from pyvhost.memory.region import buffer_address
 
@@ -112,9 +114,13 @@ def test_runt_frames_are_refused_by_the_tap_and_the_rest_arrive_in_order(netns):
         runt = bytes(12) + b"\xff" * 5  # a header and 5 bytes: no Ethernet header
         spans = [frames[0], runt, frames[1], frames[2]]
         buffers = [ctypes.create_string_buffer(s, len(s)) for s in spans]
-        writer = tap.span_writer()
+        writer = tap.open_span_writer()
         assert writer is not None
-        results = writer.write_spans([buffer_address(b) for b in buffers], [len(s) for s in spans])
+        try:
+            addrs = [buffer_address(b) for b in buffers]
+            results = writer.write_spans(addrs, [len(s) for s in spans])
+        finally:
+            writer.close()
         assert results[1] < 0 and [results[0], results[2], results[3]] == [len(frames[0])] * 3
         assert recv_ours(host, 3) == [f[12:] for f in frames]
     finally:
@@ -125,7 +131,7 @@ def test_a_tap_with_a_finite_sndbuf_writes_frame_by_frame():
     tap = Tap.open(f"pu{os.getpid() % 100000}", vnet_hdr=True, multi_queue=False)
     try:
         tap.set_sndbuf(1 << 20)
-        assert tap.span_writer() is None
+        assert tap.open_span_writer() is None
     finally:
         tap.close()
 
@@ -134,7 +140,7 @@ def test_io_uring_off_is_never_used():
     tap = Tap.open(f"pu{os.getpid() % 100000}", vnet_hdr=True, multi_queue=False)
     try:
         tap.io_uring = "off"
-        assert tap.span_writer() is None
+        assert tap.open_span_writer() is None
     finally:
         tap.close()
 
@@ -147,7 +153,61 @@ def test_where_io_uring_is_disabled_the_writer_says_why_and_the_tap_writes_one_b
                 SpanWriter(tap.fd)
             assert "io_uring unavailable" in probe()
             with caplog.at_level("INFO"):
-                assert tap.span_writer() is None
+                assert tap.open_span_writer() is None
         assert "one writev each" in caplog.text
     finally:
         tap.close()
+
+
+@contextlib.contextmanager
+def tap_in(netns):
+    """A TAP with 12-byte virtio-net headers, its link in `netns`, and a packet
+    socket there: what the host side sends, the TAP's reader gets."""
+    name = f"pu{os.getpid() % 100000}"
+    tap = Tap.open(name, vnet_hdr=True, multi_queue=False)
+    try:
+        tap.set_vnet_hdr_size(12)
+        netns.adopt(name, ipv6=False)
+        host = netns.packet_socket(name)
+        try:
+            yield tap, host
+        finally:
+            host.close()
+    finally:
+        tap.close()
+
+
+def test_reads_take_a_frame_each_and_find_the_tap_empty_without_waiting(netns):
+    with tap_in(netns) as (tap, host):
+        frames = [b"\xff" * 6 + HOST_MAC + ETHERTYPE + bytes([i]) * (60 + i) for i in range(3)]
+        for f in frames:
+            host.send(f)
+        assert select.select([tap.fd], [], [], 5)[0]
+        buffers = [ctypes.create_string_buffer(2048) for _ in range(5)]
+        reader = tap.open_span_reader()
+        try:
+            results = reader.read_spans([ctypes.addressof(b) for b in buffers], [2048] * 5)
+        finally:
+            reader.close()
+        assert results == [12 + len(f) for f in frames] + [-errno.EAGAIN] * 2
+        got = [b.raw[12 : 12 + len(f)] for b, f in zip(buffers[:3], frames, strict=True)]
+        assert got == frames
+
+
+def test_a_frame_longer_than_its_span_runs_into_its_own_overflow(netns):
+    with tap_in(netns) as (tap, host):
+        big = b"\xff" * 6 + HOST_MAC + ETHERTYPE + bytes(range(256)) * 5
+        small = b"\xff" * 6 + HOST_MAC + ETHERTYPE + b"s" * 50
+        host.send(big)
+        host.send(small)
+        assert select.select([tap.fd], [], [], 5)[0]
+        buffers = [ctypes.create_string_buffer(512) for _ in range(2)]
+        reader = SpanReader(tap.fd, 4)
+        try:
+            results = reader.read_spans([ctypes.addressof(b) for b in buffers], [512, 512])
+            assert results == [12 + len(big), 12 + len(small)]
+            whole = buffers[0].raw + bytes(reader.overflow(0, results[0] - 512))
+            assert whole[12:] == big
+            assert buffers[1].raw[12 : 12 + len(small)] == small
+        finally:
+            reader.close()

@@ -429,3 +429,34 @@ def test_spans_stop_at_a_buffer_that_crosses_into_the_next_region():
     assert chain.head == across and [len(v) for v in chain.readable] == [0x10, 0x10]
     device.close()
     mem.clear()
+
+
+def test_writable_spans_are_rx_buffers_and_stop_before_a_tx_frame(ram):
+    driver, device = queue_pair(ram, 8)
+    bufs = [ram.alloc(64) for _ in range(2)]
+    rx = [driver.add(writable=[(b, 64)]) for b in bufs]
+    driver.add(readable=[(ram.alloc(64), 64)])
+    driver.publish()
+    heads, addrs, lengths = device.pop_spans(8, writable=True)
+    assert heads == rx and lengths == [64, 64]
+    ctypes.memmove(addrs[1], b"written", 7)  # as the kernel's read would
+    assert ram.memory.read(bufs[1], 7) == b"written"
+    device.memory.stamp(addrs, 10, b"\x01\x00")  # num_buffers of each
+    assert [ram.memory.read(b + 10, 2) for b in bufs] == [b"\x01\x00"] * 2
+    assert device.pop_spans(8, writable=True) == ([], [], [])
+
+
+def test_no_writable_spans_while_the_dirty_log_is_on(ram):
+    from pyvhost.memory.dirty_log import DirtyLog
+
+    driver, device = queue_pair(ram, 8)
+    driver.add(writable=[(ram.alloc(64), 64)])
+    driver.publish()
+    fd = memfd(4096)
+    try:
+        device.memory.set_log(DirtyLog(fd, 4096, 0))
+        assert device.pop_spans(8, writable=True) == ([], [], [])
+        assert len(device.pop_batch(8)) == 1  # taken, its writes recorded for the log
+        device.memory.set_log(None)
+    finally:
+        os.close(fd)

@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 
-from pyvhost.backends.uring import SpanWriter
+from pyvhost.backends.uring import SpanReader, SpanWriter
 from pyvhost.errors import TapError, UringUnavailableError
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,11 @@ class Tap:
         self.name = name
         self.flags = flags
         self.vnet_hdr_size = 0
-        # Batched writes through io_uring (--io-uring): "auto" uses them where
-        # the kernel allows, "on" was checked at start-up, "off" never.
+        # Batched I/O through io_uring (--io-uring): "auto" uses it where the
+        # kernel allows, "on" was checked at start-up, "off" never. The rings
+        # are the datapath's, opened per attached ring and closed with it.
         self.io_uring = "auto"
-        self._span_writer: SpanWriter | None = None
-        self._span_writer_refused = False
+        self._uring_refused = False  # io_uring_setup failed here once: not asked again
 
     # --- opening ---------------------------------------------------------------------
 
@@ -271,33 +271,41 @@ class Tap:
         """One frame from `buffers` (writev)."""
         return os.writev(self.fd, buffers)
 
-    def span_writer(self) -> SpanWriter | None:
-        """Batched writes to this queue (io_uring), made on first use by the process
-        that uses them. None when --io-uring=off, when io_uring is unavailable
-        here (said once), or when sndbuf= is finite: the kernel may then refuse
-        one frame of a batch and take the next, and frames must not be
-        reordered, so each goes by its own writev and waits for room in order."""
-        if self._span_writer is not None or self._span_writer_refused:
-            return self._span_writer
-        if self.io_uring == "off" or self.sndbuf() != 2**31 - 1:
-            self._span_writer_refused = True
+    def open_span_writer(self) -> SpanWriter | None:
+        """A ring for batched writes to this queue (io_uring), for the caller to
+        use in this process and close. None when --io-uring=off, when io_uring
+        is unavailable here (said once), or when sndbuf= is finite: the kernel
+        may then refuse one frame of a batch and take the next, and frames must
+        not be reordered, so each goes by its own writev and waits for room."""
+        if not self._may_use_uring() or self.sndbuf() != 2**31 - 1:
             return None
+        return self._make_ring(SpanWriter, "TX frames go one writev each")
+
+    def open_span_reader(self) -> SpanReader | None:
+        """A ring for batched reads from this queue (io_uring), for the caller to
+        use in this process and close; None when --io-uring=off or io_uring is
+        unavailable here (said once)."""
+        if not self._may_use_uring():
+            return None
+        return self._make_ring(SpanReader, "RX frames are read one readv each")
+
+    def _may_use_uring(self) -> bool:
+        return self.io_uring != "off" and not self._uring_refused
+
+    def _make_ring(self, kind, instead: str):
         try:
-            self._span_writer = SpanWriter(self.fd)
+            return kind(self.fd)
         except UringUnavailableError as e:
-            self._span_writer_refused = True
+            self._uring_refused = True
             say = log.warning if self.io_uring == "on" else log.info
-            say("%s: %s; TX frames go one writev each (--io-uring)", self.name, e)
-        return self._span_writer
+            say("%s: %s; %s (--io-uring)", self.name, e, instead)
+            return None
 
     def sndbuf(self) -> int:
         """The queue's send buffer limit (INT_MAX: none, the default)."""
         return struct.unpack("i", fcntl.ioctl(self.fd, TUNGETSNDBUF, bytes(4)))[0]
 
     def close(self) -> None:
-        if self._span_writer is not None:
-            self._span_writer.close()
-            self._span_writer = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -24,13 +24,16 @@ import struct
 from array import array
 
 from pyvhost.errors import UringUnavailableError
+from pyvhost.memory.region import buffer_address
 
 # x86-64 and aarch64 share these numbers (the generic syscall table).
 _SYS_IO_URING_SETUP = 425
 _SYS_IO_URING_ENTER = 426
 _SYS_IO_URING_REGISTER = 427
 
+IORING_OP_READV = 1
 IORING_OP_WRITE = 23  # since 5.6
+RWF_NOWAIT = 8  # linux/fs.h: fail with EAGAIN rather than wait for data
 IORING_ENTER_GETEVENTS = 1
 IORING_REGISTER_PROBE = 8
 IO_URING_OP_SUPPORTED = 1
@@ -70,12 +73,16 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-class SpanWriter:
-    """Writes batches of (address, length) spans to `fd`, one system call a batch.
+class _SpanRing:
+    """An io_uring whose every entry is the same operation on `fd`: a batch
+    fills in only each entry's buffer, submits, and waits for all of it.
 
-    Results come back in submission order: bytes written, or -errno. Owns its
-    ring fd and mappings; `close()` releases them. Not for sharing across
-    processes (the rings are this process's)."""
+    Results come back in submission order: bytes, or -errno. Owns its ring fd
+    and mappings; `close()` releases them. Not for sharing across processes
+    (the rings are this process's)."""
+
+    opcode = IORING_OP_WRITE
+    rw_flags = 0
 
     def __init__(self, fd: int, entries: int = DEFAULT_ENTRIES) -> None:
         self.target_fd = fd
@@ -91,7 +98,7 @@ class SpanWriter:
                 del raw
             self.ring_fd = _check(ring_fd, "io_uring_setup")
             self._map(_PARAMS.unpack(params))
-            self._require_write_op()
+            self._require_op()
         except OSError as e:
             self.close()
             raise UringUnavailableError(e.errno, e.strerror or str(e)) from e
@@ -134,7 +141,7 @@ class SpanWriter:
         del slots
         for i in range(sq_entries):  # user_data: the entry's own index, for good
             _SQE.pack_into(
-                sqes, i * _SQE_SIZE, IORING_OP_WRITE, 0, 0, self.target_fd, 0, 0, 0, 0, i
+                sqes, i * _SQE_SIZE, self.opcode, 0, 0, self.target_fd, 0, 0, 0, self.rw_flags, i
             )
         self._sqe64 = self._view(sqes, "Q")  # addr at [8i+2]
         self._sqe32 = self._view(sqes, "I")  # len at [16i+6]
@@ -145,8 +152,9 @@ class SpanWriter:
         self._views.append(v)
         return v
 
-    def _require_write_op(self) -> None:
-        """IORING_OP_WRITE came in 5.6, like the probe itself: ask for it."""
+    def _require_op(self) -> None:
+        """The ring's operation (IORING_OP_WRITE came in 5.6, like the probe
+        itself): ask the kernel for it."""
         probe = bytearray(_PROBE_HEAD + _PROBE_OP.size * _PROBE_OPS)
         raw = (ctypes.c_char * len(probe)).from_buffer(probe)
         try:
@@ -156,41 +164,12 @@ class SpanWriter:
         finally:
             del raw
         _check(ret, "io_uring_register(PROBE)")
-        last_op = probe[0]
-        if last_op < IORING_OP_WRITE:
-            raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring has no IORING_OP_WRITE")
-        _op, _resv, flags, _ = _PROBE_OP.unpack_from(
-            probe, _PROBE_HEAD + _PROBE_OP.size * IORING_OP_WRITE
-        )
-        if not flags & IO_URING_OP_SUPPORTED:
-            raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring has no IORING_OP_WRITE")
-
-    def write_spans(self, addresses: list[int], lengths: list[int]) -> list[int]:
-        """Write each span as one write(2) to the fd, in order; returns what each
-        returned (bytes, or -errno). At most `entries` spans per call."""
-        n = len(addresses)
-        if n > self.entries:
-            raise ValueError(f"{n} spans in one batch; the ring holds {self.entries}")
-        if not n:
-            return []
-        sq32 = self._sq32
-        tail = sq32[self._sq_tail]
-        first = tail & self._sq_mask
-        # The batch's entries are consecutive: its addresses and lengths go in as
-        # one strided store each (two when the batch wraps the ring's end).
-        k = min(n, self.entries - first)
-        if k == n:
-            self._fill(first, addresses, lengths)
-        else:
-            self._fill(first, addresses[:k], lengths[:k])
-            self._fill(0, addresses[k:], lengths[k:])
-        sq32[self._sq_tail] = (tail + n) & 0xFFFFFFFF  # the system call is the barrier
-        return self._submit_and_reap(n, first)
-
-    def _fill(self, first: int, addresses: list[int], lengths: list[int]) -> None:
-        end = first + len(addresses)
-        self._sqe64[8 * first + 2 : 8 * end + 2 : 8] = array("Q", addresses)
-        self._sqe32[16 * first + 6 : 16 * end + 6 : 16] = array("I", lengths)
+        at = _PROBE_HEAD + _PROBE_OP.size * self.opcode
+        if (
+            probe[0] < self.opcode
+            or not _PROBE_OP.unpack_from(probe, at)[2] & IO_URING_OP_SUPPORTED
+        ):
+            raise OSError(errno.EOPNOTSUPP, f"this kernel's io_uring lacks operation {self.opcode}")
 
     def _submit_and_reap(self, n: int, first: int) -> list[int]:
         """Submit n entries from entry `first` on and wait for all n completions;
@@ -253,8 +232,112 @@ class SpanWriter:
             os.close(self.ring_fd)
             self.ring_fd = -1
 
+
+class SpanWriter(_SpanRing):
+    """Writes batches of (address, length) spans to `fd`, one system call a batch."""
+
+    opcode = IORING_OP_WRITE
+
+    def write_spans(self, addresses: list[int], lengths: list[int]) -> list[int]:
+        """Write each span as one write(2) to the fd, in order; returns what each
+        returned (bytes, or -errno). At most `entries` spans per call."""
+        n = len(addresses)
+        if n > self.entries:
+            raise ValueError(f"{n} spans in one batch; the ring holds {self.entries}")
+        if not n:
+            return []
+        sq32 = self._sq32
+        tail = sq32[self._sq_tail]
+        first = tail & self._sq_mask
+        # The batch's entries are consecutive: its addresses and lengths go in as
+        # one strided store each (two when the batch wraps the ring's end).
+        k = min(n, self.entries - first)
+        if k == n:
+            self._fill(first, addresses, lengths)
+        else:
+            self._fill(first, addresses[:k], lengths[:k])
+            self._fill(0, addresses[k:], lengths[k:])
+        sq32[self._sq_tail] = (tail + n) & 0xFFFFFFFF  # the system call is the barrier
+        return self._submit_and_reap(n, first)
+
+    def _fill(self, first: int, addresses: list[int], lengths: list[int]) -> None:
+        end = first + len(addresses)
+        self._sqe64[8 * first + 2 : 8 * end + 2 : 8] = array("Q", addresses)
+        self._sqe32[16 * first + 6 : 16 * end + 6 : 16] = array("I", lengths)
+
     def __repr__(self) -> str:
         return f"SpanWriter(fd={self.target_fd}, ring fd={self.ring_fd})"
+
+
+class SpanReader(_SpanRing):
+    """Reads one frame into each of a batch of spans, one system call a batch.
+
+    Each entry is a readv of two buffers: the span, and an overflow buffer of
+    the entry's own behind it, so a frame longer than its span is kept whole
+    (`overflow()` shows the rest) instead of being cut by the kernel. The
+    reads are RWF_NOWAIT: a read that finds no frame completes with -EAGAIN
+    at once rather than waiting for one. The overflow buffers are anonymous
+    memory, touched (and so allocated) only when a frame needs them."""
+
+    opcode = IORING_OP_READV
+    rw_flags = RWF_NOWAIT
+
+    def __init__(self, fd: int, entries: int = 64, overflow: int = 65536 + 256) -> None:
+        super().__init__(fd, entries)
+        try:
+            self._overflow_size = overflow
+            n = self.entries
+            iov = mmap.mmap(-1, 32 * n)
+            self._maps.append(iov)
+            spill = mmap.mmap(-1, overflow * n)
+            self._maps.append(spill)
+            self._spill = self._view(spill, "B")
+            spill_base = buffer_address(spill)
+            iov_base = buffer_address(iov)
+            self._iov64 = self._view(iov, "Q")  # entry i: span at [4i], [4i+1]; overflow after
+            for i in range(n):
+                self._iov64[4 * i + 2] = spill_base + overflow * i
+                self._iov64[4 * i + 3] = overflow
+                self._sqe64[8 * i + 2] = iov_base + 32 * i  # addr: the entry's iovec pair
+                self._sqe32[16 * i + 6] = 2  # len: two iovecs
+            self._first = 0
+        except OSError as e:
+            self.close()
+            raise UringUnavailableError(e.errno, e.strerror or str(e)) from e
+
+    def read_spans(self, addresses: list[int], lengths: list[int]) -> list[int]:
+        """Read a frame into each span, in order; returns what each read returned
+        (bytes, which may run past the span into its overflow; or -errno,
+        -EAGAIN when no frame was waiting). At most `entries` spans per call."""
+        n = len(addresses)
+        if n > self.entries:
+            raise ValueError(f"{n} spans in one batch; the ring holds {self.entries}")
+        if not n:
+            return []
+        sq32 = self._sq32
+        tail = sq32[self._sq_tail]
+        first = self._first = tail & self._sq_mask
+        k = min(n, self.entries - first)
+        iov64 = self._iov64
+        if k == n:
+            iov64[4 * first : 4 * (first + n) : 4] = array("Q", addresses)
+            iov64[4 * first + 1 : 4 * (first + n) + 1 : 4] = array("Q", lengths)
+        else:
+            iov64[4 * first : 4 * self.entries : 4] = array("Q", addresses[:k])
+            iov64[4 * first + 1 : 4 * self.entries + 1 : 4] = array("Q", lengths[:k])
+            iov64[0 : 4 * (n - k) : 4] = array("Q", addresses[k:])
+            iov64[1 : 4 * (n - k) + 1 : 4] = array("Q", lengths[k:])
+        sq32[self._sq_tail] = (tail + n) & 0xFFFFFFFF
+        return self._submit_and_reap(n, first)
+
+    def overflow(self, position: int, length: int) -> memoryview:
+        """The first `length` bytes past the span of the last batch's
+        `position`-th read: good until the next batch."""
+        at = ((self._first + position) & self._sq_mask) * self._overflow_size
+        return self._spill[at : at + min(length, self._overflow_size)]
+
+    def __repr__(self) -> str:
+        return f"SpanReader(fd={self.target_fd}, ring fd={self.ring_fd})"
 
 
 def probe() -> str | None:

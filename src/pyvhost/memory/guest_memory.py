@@ -277,13 +277,38 @@ class GuestMemory:
         self._gather_slow(addr, length, views, write, regions)
         return Pin(addr, length, views, regions)
 
-    def host_window(self, addr: int) -> tuple[int, int, int]:
+    def host_window(self, addr: int, write: bool = False) -> tuple[int, int, int]:
         """(start, end, host_address - start) of the region holding guest `addr`:
         for a caller translating a batch of addresses to host ones (io_uring
         takes addresses, not views) with one lookup while they stay in it. Good
-        only until the map next changes: use it within one call, never keep it."""
+        only until the map next changes: use it within one call, never keep it.
+        With `write`, a read-only region raises ReadOnlyMemoryError."""
         r = self.find_region(addr)
+        if write and r.readonly:
+            raise ReadOnlyMemoryError(addr, 1)
         return r.start, r.end, r.host_address - r.start
+
+    def stamp(self, host_addresses: list[int], offset: int, data: bytes) -> None:
+        """Write `data` at `offset` into each buffer named by this process's
+        address of its start (what host_window gave): a header field of each
+        frame a batched read put in guest memory. Each must lie in a published,
+        writable region (AddressNotMappedError, ReadOnlyMemoryError)."""
+        n = len(data)
+        lo = hi = 0
+        view = None
+        for a in host_addresses:
+            at = a + offset
+            if not (lo <= at and at + n <= hi):
+                for r in self._table.regions:
+                    base = r.host_address
+                    if base <= at and at + n <= base + r.size:
+                        break
+                else:
+                    raise AddressNotMappedError(at, n)
+                if r.readonly:
+                    raise ReadOnlyMemoryError(r.start + at - base, n)
+                lo, hi, view = base, base + r.size, r.view
+            view[at - lo : at - lo + n] = data
 
     def host_address(self, addr: int, length: int) -> int:
         """This process's virtual address of guest [addr, addr+length), which must

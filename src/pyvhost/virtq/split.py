@@ -342,10 +342,21 @@ class SplitQueue(IotlbStalls):
         self._next_avail = (na + len(out)) & 0xFFFF
         return out
 
-    def pop_spans(self, limit: int) -> tuple[list[int], list[int], list[int]]:
+    @property
+    def memory(self):
+        """The memory the rings and buffers are in (a GuestMemory, or a vIOMMU's
+        address space)."""
+        return self._memory
+
+    def pop_spans(
+        self, limit: int, writable: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
         """Up to `limit` available chains that are each one device-readable
         descriptor inside one memory region, as heads, host addresses and
         lengths: what a batched write (io_uring) takes, with no views built.
+        With `writable`, one device-writable descriptor each, in a writable
+        region (RX buffers, for a batched read); none while the dirty log is
+        on, since pop_batch then records what each chain may write.
 
         Stops before the first chain that is anything else (a chain of several
         descriptors, an indirect table, a buffer across regions, a bad index),
@@ -358,6 +369,9 @@ class SplitQueue(IotlbStalls):
         window = self._host_window
         if avail is None or window is None or self.broken is not None or self.stalled is not None:
             return [], [], []
+        if writable and self._memory.log is not None:
+            return [], [], []
+        want_flags = VIRTQ_DESC_F_WRITE if writable else 0
         na = self._next_avail
         idx = avail[_IDX]
         ahead = (idx - na) & 0xFFFF
@@ -385,9 +399,9 @@ class SplitQueue(IotlbStalls):
             lengths_t = pick(self._desc32) if n > 1 else (pick(self._desc32),)
             pick = itemgetter(*[(h << 3) + 6 for h in heads])
             flags_t = pick(self._desc16) if n > 1 else (pick(self._desc16),)
-            if not any(flags_t) and 0 not in lengths_t:
+            if flags_t.count(want_flags) == n and 0 not in lengths_t:
                 try:
-                    lo, hi, delta = window(addrs_t[0])
+                    lo, hi, delta = window(addrs_t[0], writable)
                 except GuestMemoryError:
                     lo = hi = 0
                 if lo <= min(addrs_t) and max(map(add, addrs_t, lengths_t)) <= hi:
@@ -403,11 +417,11 @@ class SplitQueue(IotlbStalls):
             if head >= size:
                 break
             addr, length, flags, _ = _unpack_desc(table, head << 4)
-            if flags or not length:
+            if flags != want_flags or not length:
                 break
             if not (lo <= addr and addr + length <= hi):
                 try:
-                    lo, hi, delta = window(addr)
+                    lo, hi, delta = window(addr, writable)
                 except GuestMemoryError:
                     break  # pop_batch() says what is wrong with it
                 if addr + length > hi:

@@ -21,9 +21,12 @@ Both trade our CPU time for the guest's: see BENCHMARKS.md.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import os
 import time
+from collections import deque
 from typing import Protocol
 
 from pyvhost import hooks
@@ -83,8 +86,9 @@ class HostQueue(Protocol):
 
     def write_iovec(self, buffers: list) -> int: ...
 
-    # Optional: `span_writer()`, a SpanWriter (backends/uring.py) for batched
-    # writes, or None. A host side without it is written frame by frame.
+    # Optional: `open_span_writer()` and `open_span_reader()`, io_uring rings
+    # (backends/uring.py) for batched writes and reads, or None; the pair
+    # closes each with the ring it served. Without them, frame by frame.
 
 
 class QueuePair:
@@ -132,7 +136,10 @@ class QueuePair:
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         self._bounce = bytearray(MAX_FRAME)
         self._bounce_view = memoryview(self._bounce)
-        self._pending: bytes | None = None  # a frame read but not yet placed (MRG only)
+        # Frames read but not yet placed (MRG only), oldest first: one waiting for
+        # RX buffers, or those a batched read left out of place (_rx_spans).
+        self._pending: deque[bytes] = deque()
+        self._span_reader = None  # batched TAP reads (io_uring), when the host side has them
         self._zero_hdr = bytes(spec.HDR_SIZE)
         # Observers: hooks and captures (the device switches the pair to this
         # engine while any is attached). `observed` is the one test the
@@ -190,9 +197,9 @@ class QueuePair:
     def holds_frames(self) -> bool:
         """A frame read from the TAP waits for RX buffers: stopping RX now would
         lose it. Tries to place it first."""
-        if self._pending is not None and self.rxq is not None:
+        if self._pending and self.rxq is not None:
             self.process_tap_rx_event()
-        return self._pending is not None
+        return bool(self._pending)
 
     def close(self) -> None:
         for rx in (True, False):
@@ -249,7 +256,7 @@ class QueuePair:
                     return True
                 if self.captures:
                     self._capture(OUT, [result], 0)
-                self._pending = data[:hdr] + bytes(result)
+                self._pending.append(data[:hdr] + bytes(result))
                 q.unpop()
                 return self._place_pending(q, done)
         if self.captures:
@@ -276,6 +283,9 @@ class QueuePair:
         self._rx_ring = ring
         self._rx_owner = self.loop.owner
         self.rxq = ring.queue
+        make = getattr(self.host, "open_span_reader", None)
+        spans = make is not None and hasattr(ring.queue, "pop_spans")
+        self._span_reader = make() if spans else None
         self.rx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
         )
@@ -291,7 +301,7 @@ class QueuePair:
         self.txq = ring.queue
         # Batched writes take chains as spans: a split ring's pop_spans (a packed
         # ring goes frame by frame).
-        make = getattr(self.host, "span_writer", None)
+        make = getattr(self.host, "open_span_writer", None)
         spans = make is not None and hasattr(ring.queue, "pop_spans")
         self._span_writer = make() if spans else None
         self.tx_notifier = ModeratedNotifier(
@@ -305,14 +315,20 @@ class QueuePair:
             self._rx_ring = self.rxq = self.rx_notifier = None
             self.rx_enabled = False
             self.rx_starved = False
-            self._pending = None
+            self._pending.clear()
             self._update_reading()
+            if self._span_reader is not None:
+                self._span_reader.close()
+                self._span_reader = None
         else:
             if self.tx_notifier is not None:
                 self.tx_notifier.cancel()
             self._stop_tx_polling()
             self._tx_ring = self.txq = self.tx_notifier = None
             self.tx_enabled = False
+            if self._span_writer is not None:
+                self._span_writer.close()
+                self._span_writer = None
             if self._tx_blocked:
                 self._tx_blocked = False
                 self.loop.remove_writer(self.host.fileno())
@@ -499,7 +515,7 @@ class QueuePair:
             return
         c = self.rx_counters
         done: list[tuple[int, int]] = []
-        if self._pending is not None and not self._place_pending(q, done):
+        if self._pending and not self._place_pending(q, done):
             self._flush_rx(q, done)
             return
         read = self.host.read_iovec
@@ -521,6 +537,11 @@ class QueuePair:
         span = self._rx_span if can_span else 1
         taken = 0
         stop = False
+        reader = self._span_reader
+        if reader is not None and can_span and span == 1:
+            # Frames that fit one buffer (the last one did): read in batches.
+            taken, stop = self._rx_spans(q, reader, want, done)
+            span = self._rx_span if can_span else 1
         while taken < BUDGET and not stop:
             size = max(span, min(want, BUDGET - taken))
             if span > 1:
@@ -631,7 +652,7 @@ class QueuePair:
                             frame[pos : pos + k] = v[:k]
                             pos += k
                     frame[pos:] = overflow
-                    self._pending = bytes(frame)
+                    self._pending.append(bytes(frame))
                     for _ in spanned:
                         q.unpop()
                     self._starve_for_more(q)
@@ -647,6 +668,61 @@ class QueuePair:
         self._flush_rx(q, done)
         if self._push:
             self._wake()  # frames may still wait (the budget ran out)
+
+    def _rx_spans(self, q: SplitQueue, reader, want: int, done: list) -> tuple[int, bool]:
+        """Batched reads: a frame into each of a batch of one-buffer RX chains, one
+        system call per batch. Returns (chains used, stop): stop when the TAP
+        is empty or the guest's buffers ran out; otherwise the general path
+        goes on (a chain that is not one buffer is next, or a frame was larger
+        than its buffer and the stream now wants merged spans)."""
+        c = self.rx_counters
+        hdr = self.hdr_size
+        taken = 0
+        while taken < BUDGET:
+            heads, addrs, lengths = q.pop_spans(min(want, BUDGET - taken), writable=True)
+            if not heads:
+                return taken, False  # no buffers, or not one-buffer ones: pop_batch decides
+            results = reader.read_spans(addrs, lengths)
+            n = len(heads)
+            fit = 0  # frames that landed whole in their buffer, from the first on
+            for got, room in zip(results, lengths, strict=True):
+                if got < hdr or got > room:
+                    break
+                fit += 1
+            if fit:
+                q.memory.stamp(addrs[:fit] if fit < n else addrs, 10, _ONE_BUFFER)  # num_buffers
+                done.extend(zip(heads[:fit], results[:fit], strict=True))
+                c.packets += fit
+                c.bytes += sum(results[:fit]) - fit * hdr
+                taken += fit
+            if fit == n:
+                want = min(BUDGET, 2 * want)  # all of them full: more may wait
+                continue
+            for _ in range(n - fit):
+                q.unpop()  # the rest of the batch goes back to the ring
+            if results.count(-errno.EAGAIN) == n - fit:
+                return taken, True  # the reads after the frames found the TAP empty
+            # Rare: a frame larger than its buffer, an error, or a frame that came
+            # in after a read had found none. What was read from `fit` on is kept,
+            # in order, and placed as pending frames (copied, merged as needed).
+            for i in range(fit, n):
+                got, room = results[i], lengths[i]
+                if got == -errno.EAGAIN:
+                    continue
+                if got < hdr:
+                    c.errors += 1
+                    log.warning("rx%d: reading the TAP failed: %s", self.pair,
+                                os.strerror(-got) if got < 0 else f"{got} bytes")  # fmt: skip
+                    continue
+                frame = ctypes.string_at(addrs[i], min(got, room))
+                if got > room:
+                    frame += bytes(reader.overflow(i, got - room))
+                    self._rx_span = min(BUDGET, -(-got // room))  # a GSO stream: span chains
+                self._pending.append(frame)
+            if not self._place_pending(q, done):
+                return taken, True
+            return taken, False
+        return taken, False
 
     def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
         """Copy `overflow` into further chains; on success queue all completions."""
@@ -675,24 +751,26 @@ class QueuePair:
         return True
 
     def _place_pending(self, q: SplitQueue, done) -> bool:
-        """Deliver the frame kept while the guest had too few buffers."""
-        frame = memoryview(self._pending)
-        first = q.pop()
-        if first is None:
-            self._starve(q)
-            return False
-        room = min(first.writable_len, len(frame))
-        scatter(first.writable, frame[:room])
-        if room == len(frame):
-            write_at(first.writable, 10, b"\x01\x00")
-            done.append((first.head, room))
-            self.rx_counters.packets += 1
-            self.rx_counters.bytes += room - self.hdr_size
-        elif not self._place_merged(q, first, room, frame[room:], done):
-            q.unpop()
-            self._starve_for_more(q)
-            return False
-        self._pending = None
+        """Deliver the frames kept while the guest had too few buffers (or left
+        out of place by a batched read), oldest first; False if some still wait."""
+        while self._pending:
+            frame = memoryview(self._pending[0])
+            first = q.pop()
+            if first is None:
+                self._starve(q)
+                return False
+            room = min(first.writable_len, len(frame))
+            scatter(first.writable, frame[:room])
+            if room == len(frame):
+                write_at(first.writable, 10, b"\x01\x00")
+                done.append((first.head, room))
+                self.rx_counters.packets += 1
+                self.rx_counters.bytes += room - self.hdr_size
+            elif not self._place_merged(q, first, room, frame[room:], done):
+                q.unpop()
+                self._starve_for_more(q)
+                return False
+            self._pending.popleft()
         return True
 
     def _starve(self, q: SplitQueue) -> None:
