@@ -290,3 +290,22 @@ def test_a_batched_read_that_finds_no_frame_before_one_that_does_loses_no_frame_
         for fd in (kick, call):
             os.close(fd)
     loop.close()
+
+
+def test_after_a_large_frame_batched_reads_start_with_one_so_large_ones_are_not_copied(rx):
+    ram, driver, pair, host = rx
+    if host.reader is None:
+        pytest.skip("batched reads only")
+    post_buffers(ram, driver, 40, size=4096)
+    big = bytes(HDR) + b"b" * 10000  # three 4096-byte buffers
+    small = bytes(HDR) + b"s" * 60
+    for frames in ([small], [big], [small]):
+        host.incoming += frames
+        pair.process_tap_rx_event()
+    host.reads.clear()
+    host.incoming += [big, big]
+    pair.process_tap_rx_event()
+    # One read into one buffer (and its overflow, copied on); the stream is then
+    # seen to want three buffers a frame, and the second is read across three.
+    assert host.reads == [2, 4]
+    assert [n for _, n in driver.used()][-6:] == [4096, 4096, 1820] * 2

@@ -389,6 +389,9 @@ class SplitQueue(IotlbStalls):
                 avail[_ENTRIES + first : _ENTRIES + size].tolist()
                 + avail[_ENTRIES : _ENTRIES + end - size].tolist()
             )
+        head = heads[0]
+        if head >= size or self._desc16[(head << 3) + 6] != want_flags:
+            return [], [], []  # the next chain is not a span: pop_batch takes it
         # The whole batch at once (C loops over the table), when every head is
         # in the table, every descriptor is one readable buffer, and all of them
         # sit in the region of the first: what a driver posting small frames gives.

@@ -134,6 +134,10 @@ class QueuePair:
         self._span_writer = None  # batched TAP writes (io_uring), when the host side has them
         self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
+        # A frame larger than one buffer came lately: batched reads start with
+        # one read and double while frames fit, so a burst of large frames is
+        # not read into single buffers and copied on (see _rx_spans).
+        self._rx_large_seen = False
         self._bounce = bytearray(MAX_FRAME)
         self._bounce_view = memoryview(self._bounce)
         # Frames read but not yet placed (MRG only), oldest first: one waiting for
@@ -540,7 +544,7 @@ class QueuePair:
         reader = self._span_reader
         if reader is not None and can_span and span == 1:
             # Frames that fit one buffer (the last one did): read in batches.
-            taken, stop = self._rx_spans(q, reader, want, done)
+            taken, stop = self._rx_spans(q, reader, 1 if self._rx_large_seen else want, done)
             span = self._rx_span if can_span else 1
         while taken < BUDGET and not stop:
             size = max(span, min(want, BUDGET - taken))
@@ -625,6 +629,7 @@ class QueuePair:
                     packets += 1
                     nbytes += total - hdr
                     span = self._rx_span = used
+                    self._rx_large_seen = True
                     i += used
                     continue
                 # The frame ran on into the bounce buffer.
@@ -640,6 +645,7 @@ class QueuePair:
                 for _ in range(end - i - len(spanned)):
                     q.unpop()
                 self._rx_span = min(BUDGET, max(len(spanned), -(-total // chain.writable_len)))
+                self._rx_large_seen = True
                 if can_span:
                     span = self._rx_span
                 if not self._place_spanned(q, spanned, total - len(overflow), overflow, done):
@@ -697,6 +703,7 @@ class QueuePair:
                 taken += fit
             if fit == n:
                 want = min(BUDGET, 2 * want)  # all of them full: more may wait
+                self._rx_large_seen = False
                 continue
             for _ in range(n - fit):
                 q.unpop()  # the rest of the batch goes back to the ring
@@ -718,6 +725,7 @@ class QueuePair:
                 if got > room:
                     frame += bytes(reader.overflow(i, got - room))
                     self._rx_span = min(BUDGET, -(-got // room))  # a GSO stream: span chains
+                    self._rx_large_seen = True
                 self._pending.append(frame)
             if not self._place_pending(q, done):
                 return taken, True
