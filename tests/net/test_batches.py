@@ -82,6 +82,8 @@ class ScriptedReader:
         self.host = host
         self.count = 0
         self.empty_at: list[int] = []
+        self.fail_with = 0  # an errno every read fails with (the reads themselves broken)
+        self.closed = False
         self._overflows: list[bytes] = []
 
     def read_spans(self, addresses: list[int], lengths: list[int]) -> list[int]:
@@ -89,6 +91,9 @@ class ScriptedReader:
         for addr, room in zip(addresses, lengths, strict=True):
             self._overflows.append(b"")
             looked, self.count = self.count, self.count + 1
+            if self.fail_with:
+                results.append(-self.fail_with)
+                continue
             if looked in self.empty_at or not self.host.incoming:
                 results.append(-errno.EAGAIN)
                 continue
@@ -103,7 +108,7 @@ class ScriptedReader:
         return memoryview(self._overflows[position])[:length]
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def serve(ram, pair, driver, rx: bool, kick: int, call: int) -> None:
@@ -309,3 +314,18 @@ def test_after_a_large_frame_batched_reads_start_with_one_so_large_ones_are_not_
     # seen to want three buffers a frame, and the second is read across three.
     assert host.reads == [2, 4]
     assert [n for _, n in driver.used()][-6:] == [4096, 4096, 1820] * 2
+
+
+def test_batched_reads_that_fail_are_given_up_once_and_frames_go_by_readv(rx, caplog):
+    ram, driver, pair, host = rx
+    if host.reader is None:
+        pytest.skip("batched reads only")
+    host.reader.fail_with = errno.EOPNOTSUPP  # e.g. a kernel that refuses RWF_NOWAIT
+    heads = post_buffers(ram, driver, 8)
+    host.incoming += [bytes(HDR) + bytes([i]) * 60 for i in range(3)]
+    with caplog.at_level("WARNING"):
+        pair.process_tap_rx_event()
+        host.incoming.append(bytes(HDR) + b"x" * 60)
+        pair.process_tap_rx_event()
+    assert [h for h, _ in driver.used()] == heads[:4]  # every frame, by readv
+    assert host.reader.closed and caplog.text.count("a batched read of the TAP failed") == 1

@@ -78,7 +78,7 @@ class Tap:
         # kernel allows, "on" was checked at start-up, "off" never. The rings
         # are the datapath's, opened per attached ring and closed with it.
         self.io_uring = "auto"
-        self._uring_refused = False  # io_uring_setup failed here once: not asked again
+        self._uring_refused: set[type] = set()  # ring kinds that failed here once
 
     # --- opening ---------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ class Tap:
         is unavailable here (said once), or when sndbuf= is finite: the kernel
         may then refuse one frame of a batch and take the next, and frames must
         not be reordered, so each goes by its own writev and waits for room."""
-        if not self._may_use_uring() or self.sndbuf() != 2**31 - 1:
+        if not self._may_use(SpanWriter) or self.sndbuf() != 2**31 - 1:
             return None
         return self._make_ring(SpanWriter, "TX frames go one writev each")
 
@@ -285,18 +285,18 @@ class Tap:
         """A ring for batched reads from this queue (io_uring), for the caller to
         use in this process and close; None when --io-uring=off or io_uring is
         unavailable here (said once)."""
-        if not self._may_use_uring():
+        if not self._may_use(SpanReader):
             return None
         return self._make_ring(SpanReader, "RX frames are read one readv each")
 
-    def _may_use_uring(self) -> bool:
-        return self.io_uring != "off" and not self._uring_refused
+    def _may_use(self, kind: type) -> bool:
+        return self.io_uring != "off" and kind not in self._uring_refused
 
     def _make_ring(self, kind, instead: str):
         try:
             return kind(self.fd)
         except UringUnavailableError as e:
-            self._uring_refused = True
+            self._uring_refused.add(kind)
             say = log.warning if self.io_uring == "on" else log.info
             say("%s: %s; %s (--io-uring)", self.name, e, instead)
             return None

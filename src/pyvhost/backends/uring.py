@@ -301,9 +301,25 @@ class SpanReader(_SpanRing):
                 self._sqe64[8 * i + 2] = iov_base + 32 * i  # addr: the entry's iovec pair
                 self._sqe32[16 * i + 6] = 2  # len: two iovecs
             self._first = 0
+            self._require_nowait_reads()
         except OSError as e:
             self.close()
             raise UringUnavailableError(e.errno, e.strerror or str(e)) from e
+
+    def _require_nowait_reads(self) -> None:
+        """A read of nothing, RWF_NOWAIT: it takes no frame, and tells whether the
+        fd honours RWF_NOWAIT (a TAP does from Linux 6.x on; before, the flag is
+        refused with EOPNOTSUPP, and without it a read of an empty TAP would
+        wait for a frame)."""
+        iov64 = self._iov64
+        iov64[1] = 0
+        iov64[3] = 0
+        try:
+            (got,) = self.read_spans([0], [0])
+        finally:
+            iov64[3] = self._overflow_size
+        if got < 0 and got != -errno.EAGAIN:
+            raise OSError(-got, f"a RWF_NOWAIT read of fd {self.target_fd}: {os.strerror(-got)}")
 
     def read_spans(self, addresses: list[int], lengths: list[int]) -> list[int]:
         """Read a frame into each span, in order; returns what each read returned

@@ -712,14 +712,14 @@ class QueuePair:
             # Rare: a frame larger than its buffer, an error, or a frame that came
             # in after a read had found none. What was read from `fit` on is kept,
             # in order, and placed as pending frames (copied, merged as needed).
+            failed = ""
             for i in range(fit, n):
                 got, room = results[i], lengths[i]
                 if got == -errno.EAGAIN:
                     continue
-                if got < hdr:
+                if got < hdr:  # the read itself failed: given up below
                     c.errors += 1
-                    log.warning("rx%d: reading the TAP failed: %s", self.pair,
-                                os.strerror(-got) if got < 0 else f"{got} bytes")  # fmt: skip
+                    failed = failed or (os.strerror(-got) if got < 0 else f"{got} bytes")
                     continue
                 frame = ctypes.string_at(addrs[i], min(got, room))
                 if got > room:
@@ -727,6 +727,13 @@ class QueuePair:
                     self._rx_span = min(BUDGET, -(-got // room))  # a GSO stream: span chains
                     self._rx_large_seen = True
                 self._pending.append(frame)
+            if failed and self._span_reader is not None:
+                # Not a frame's fault: the batched read itself failed. Say so once
+                # and read frame by frame from now on.
+                log.warning("rx%d: a batched read of the TAP failed (%s); reading frame "
+                            "by frame from now on", self.pair, failed)  # fmt: skip
+                self._span_reader.close()
+                self._span_reader = None
             if not self._place_pending(q, done):
                 return taken, True
             return taken, False
