@@ -101,12 +101,7 @@ def test_close_releases_the_ring_fd_and_its_mappings():
 
 
 def test_runt_frames_are_refused_by_the_tap_and_the_rest_arrive_in_order(netns):
-    name = f"pu{os.getpid() % 100000}"
-    tap = Tap.open(name, vnet_hdr=True, multi_queue=False)
-    try:
-        tap.set_vnet_hdr_size(12)
-        netns.adopt(name, ipv6=False)
-        host = netns.packet_socket(name)
+    with tap_in(netns) as (tap, host):
         host.settimeout(5)
         frames = [
             bytes(12) + b"\xff" * 6 + HOST_MAC + ETHERTYPE + bytes([i]) * 50 for i in range(3)
@@ -123,8 +118,6 @@ def test_runt_frames_are_refused_by_the_tap_and_the_rest_arrive_in_order(netns):
             writer.close()
         assert results[1] < 0 and [results[0], results[2], results[3]] == [len(frames[0])] * 3
         assert recv_ours(host, 3) == [f[12:] for f in frames]
-    finally:
-        tap.close()
 
 
 def test_a_tap_with_a_finite_sndbuf_writes_frame_by_frame():

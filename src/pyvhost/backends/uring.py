@@ -171,6 +171,32 @@ class _SpanRing:
         ):
             raise OSError(errno.EOPNOTSUPP, f"this kernel's io_uring lacks operation {self.opcode}")
 
+    def _run_batch(self, addresses: list[int], lengths: list[int]) -> list[int]:
+        """Fill one entry per span from the ring's tail on, submit them, wait for
+        all of them; their results in order."""
+        n = len(addresses)
+        if n > self.entries:
+            raise ValueError(f"{n} spans in one batch; the ring holds {self.entries}")
+        if not n:
+            return []
+        sq32 = self._sq32
+        tail = sq32[self._sq_tail]
+        first = self._first = tail & self._sq_mask
+        # The batch's entries are consecutive: its addresses and lengths go in as
+        # one strided store each (two when the batch wraps the ring's end).
+        k = min(n, self.entries - first)
+        if k == n:
+            self._fill(first, addresses, lengths)
+        else:
+            self._fill(first, addresses[:k], lengths[:k])
+            self._fill(0, addresses[k:], lengths[k:])
+        sq32[self._sq_tail] = (tail + n) & 0xFFFFFFFF  # the system call is the barrier
+        return self._submit_and_reap(n, first)
+
+    def _fill(self, first: int, addresses: list[int], lengths: list[int]) -> None:
+        """Write the spans into entries first, first+1, ... (no wrap)."""
+        raise NotImplementedError
+
     def _submit_and_reap(self, n: int, first: int) -> list[int]:
         """Submit n entries from entry `first` on and wait for all n completions;
         their results in submission order."""
@@ -241,24 +267,7 @@ class SpanWriter(_SpanRing):
     def write_spans(self, addresses: list[int], lengths: list[int]) -> list[int]:
         """Write each span as one write(2) to the fd, in order; returns what each
         returned (bytes, or -errno). At most `entries` spans per call."""
-        n = len(addresses)
-        if n > self.entries:
-            raise ValueError(f"{n} spans in one batch; the ring holds {self.entries}")
-        if not n:
-            return []
-        sq32 = self._sq32
-        tail = sq32[self._sq_tail]
-        first = tail & self._sq_mask
-        # The batch's entries are consecutive: its addresses and lengths go in as
-        # one strided store each (two when the batch wraps the ring's end).
-        k = min(n, self.entries - first)
-        if k == n:
-            self._fill(first, addresses, lengths)
-        else:
-            self._fill(first, addresses[:k], lengths[:k])
-            self._fill(0, addresses[k:], lengths[k:])
-        sq32[self._sq_tail] = (tail + n) & 0xFFFFFFFF  # the system call is the barrier
-        return self._submit_and_reap(n, first)
+        return self._run_batch(addresses, lengths)
 
     def _fill(self, first: int, addresses: list[int], lengths: list[int]) -> None:
         end = first + len(addresses)
@@ -325,26 +334,12 @@ class SpanReader(_SpanRing):
         """Read a frame into each span, in order; returns what each read returned
         (bytes, which may run past the span into its overflow; or -errno,
         -EAGAIN when no frame was waiting). At most `entries` spans per call."""
-        n = len(addresses)
-        if n > self.entries:
-            raise ValueError(f"{n} spans in one batch; the ring holds {self.entries}")
-        if not n:
-            return []
-        sq32 = self._sq32
-        tail = sq32[self._sq_tail]
-        first = self._first = tail & self._sq_mask
-        k = min(n, self.entries - first)
-        iov64 = self._iov64
-        if k == n:
-            iov64[4 * first : 4 * (first + n) : 4] = array("Q", addresses)
-            iov64[4 * first + 1 : 4 * (first + n) + 1 : 4] = array("Q", lengths)
-        else:
-            iov64[4 * first : 4 * self.entries : 4] = array("Q", addresses[:k])
-            iov64[4 * first + 1 : 4 * self.entries + 1 : 4] = array("Q", lengths[:k])
-            iov64[0 : 4 * (n - k) : 4] = array("Q", addresses[k:])
-            iov64[1 : 4 * (n - k) + 1 : 4] = array("Q", lengths[k:])
-        sq32[self._sq_tail] = (tail + n) & 0xFFFFFFFF
-        return self._submit_and_reap(n, first)
+        return self._run_batch(addresses, lengths)
+
+    def _fill(self, first: int, addresses: list[int], lengths: list[int]) -> None:
+        end = first + len(addresses)
+        self._iov64[4 * first : 4 * end : 4] = array("Q", addresses)
+        self._iov64[4 * first + 1 : 4 * end + 1 : 4] = array("Q", lengths)
 
     def overflow(self, position: int, length: int) -> memoryview:
         """The first `length` bytes past the span of the last batch's

@@ -297,15 +297,7 @@ class SplitQueue(IotlbStalls):
         self._shadow_avail = idx
         n = ahead if ahead < limit else limit
         size = self.size
-        first = na & self._mask
-        end = first + n
-        if end <= size:
-            heads = avail[_ENTRIES + first : _ENTRIES + end].tolist()
-        else:  # the batch wraps around the ring
-            heads = (
-                avail[_ENTRIES + first : _ENTRIES + size].tolist()
-                + avail[_ENTRIES : _ENTRIES + end - size].tolist()
-            )
+        heads = self._avail_heads(na, n)
         out: list[DescriptorChain] = []
         append = out.append
         table = self._desc
@@ -380,15 +372,7 @@ class SplitQueue(IotlbStalls):
         self._shadow_avail = idx
         n = ahead if ahead < limit else limit
         size = self.size
-        first = na & self._mask
-        end = first + n
-        if end <= size:
-            heads = avail[_ENTRIES + first : _ENTRIES + end].tolist()
-        else:
-            heads = (
-                avail[_ENTRIES + first : _ENTRIES + size].tolist()
-                + avail[_ENTRIES : _ENTRIES + end - size].tolist()
-            )
+        heads = self._avail_heads(na, n)
         head = heads[0]
         if head >= size or self._desc16[(head << 3) + 6] != want_flags:
             return [], [], []  # the next chain is not a span: pop_batch takes it
@@ -436,6 +420,19 @@ class SplitQueue(IotlbStalls):
             heads = heads[:taken]
         self._next_avail = (na + taken) & 0xFFFF
         return heads, addrs, lengths
+
+    def _avail_heads(self, na: int, n: int) -> list[int]:
+        """The n heads in the avail ring from index `na` on, in one or two slices
+        (two when they wrap around the ring's end)."""
+        avail = self._avail
+        first = na & self._mask
+        end = first + n
+        if end <= self.size:
+            return avail[_ENTRIES + first : _ENTRIES + end].tolist()
+        return (
+            avail[_ENTRIES + first : _ENTRIES + self.size].tolist()
+            + avail[_ENTRIES : _ENTRIES + end - self.size].tolist()
+        )
 
     def _walk(self, head: int) -> DescriptorChain:
         size = self.size
