@@ -53,7 +53,11 @@ def test_the_two_vm_demo_shows_guests_talking_through_the_switch(guest_image):
     assert namespaces() == before_ns and "pv" not in taps()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["ctrl-c", "sigterm"],
+)
 def test_an_interrupted_demo_is_back_within_two_seconds_and_leaves_nothing(guest_image, sig):
     before_ns = namespaces()
     proc = subprocess.Popen(

@@ -85,7 +85,14 @@ def test_the_guest_works_with_device_properties_users_set(lab, properties):
 
 
 @pytest.mark.parametrize(
-    "properties", ["packed=on", "packed=on,event_idx=off,mrg_rxbuf=off,indirect_desc=off"]
+    "properties",
+    [
+        "packed=on",
+        # Release-independent ring code: Debian 13's CI run leaves it to Debian 12's.
+        pytest.param(
+            "packed=on,event_idx=off,mrg_rxbuf=off,indirect_desc=off", marks=pytest.mark.slow
+        ),
+    ],
 )
 def test_a_guest_on_packed_rings_pings_and_runs_iperf3(lab, properties):
     lab = lab(device_properties=properties)
@@ -100,7 +107,7 @@ def test_a_guest_on_packed_rings_pings_and_runs_iperf3(lab, properties):
     assert q["rx0"]["errors"] == q["tx0"]["errors"] == 0
 
 
-@pytest.mark.parametrize("ring", ["split", "packed"])
+@pytest.mark.parametrize("ring", ["split", pytest.param("packed", marks=pytest.mark.slow)])
 def test_a_guest_behind_a_viommu_pings_and_runs_iperf3(lab, ring):
     """intel-iommu in QEMU, intel_iommu=on in the guest, iommu_platform=on on the
     NIC: pyvhost sees I/O virtual addresses and asks QEMU for their translations

@@ -84,6 +84,7 @@ def hook_set(lab, port: str, *specs: str) -> None:
                     "set", *specs], check=True, capture_output=True)  # fmt: skip
 
 
+@pytest.mark.slow  # the hooks are Python, the same on every release
 def test_the_example_hooks_on_guest_traffic_swapped_at_run_time(switch_lab, tmp_path):
     """Two guests, one switch: each example hook in turn on vm0's port, set and
     replaced while the guests run, and a capture of their traffic."""
