@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from pyvhost.backends.tap import Tap
 from pyvhost.control import request
 from pyvhost.frontend.net import NetFrontend
 from pyvhost.testing.netns import NetNamespace, link_exists
@@ -208,3 +209,21 @@ def hot_plug_reaches_the_engine(d: NetDaemon, netns) -> None:
         tx.queue.kick()
         wait_for(lambda: fe.ring_errors(spec.tx_queue(0)) > 0, 20, "the ring's error")
     host.close()
+
+
+@contextlib.contextmanager
+def tap_in(netns):
+    """A TAP with 12-byte virtio-net headers, its link in `netns`, and a packet
+    socket there: what the host side sends, the TAP's reader gets."""
+    name = f"pu{os.getpid() % 100000}"
+    tap = Tap.open(name, vnet_hdr=True, multi_queue=False)
+    try:
+        tap.set_vnet_hdr_size(12)
+        netns.adopt(name, ipv6=False)
+        host = netns.packet_socket(name)
+        try:
+            yield tap, host
+        finally:
+            host.close()
+    finally:
+        tap.close()

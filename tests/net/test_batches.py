@@ -37,6 +37,7 @@ class ScriptedHost:
         self.incoming: list[bytes] = []  # frames to be read, with their vnet header
         self.reads: list[int] = []  # how many buffers each read was offered
         self.reader: ScriptedReader | None = None
+        self.scatter: ScriptedScatter | None = None
         self._fd = os.eventfd(0)
 
     def fileno(self) -> int:
@@ -59,6 +60,9 @@ class ScriptedHost:
 
     def open_span_reader(self):
         return self.reader
+
+    def open_scatter_reader(self):
+        return self.scatter
 
     def write_iovec(self, buffers: list) -> int:
         if len(self.frames) >= self.room:
@@ -111,6 +115,35 @@ class ScriptedReader:
         self.closed = True
 
 
+class ScriptedScatter:
+    """ScatterReader's contract over the scripted host's frames: the next frame
+    across the spans in order, the rest into the overflow; none: BlockingIOError."""
+
+    def __init__(self, host: ScriptedHost) -> None:
+        self.host = host
+        self.closed = False
+        self._overflow = b""
+
+    def read(self, addresses: list[int], lengths: list[int]) -> int:
+        if not self.host.incoming:
+            raise BlockingIOError
+        self.host.reads.append(len(addresses) + 1)  # the spans and the overflow
+        data = self.host.incoming.pop(0)
+        pos = 0
+        for addr, room in zip(addresses, lengths, strict=True):
+            k = min(room, len(data) - pos)
+            ctypes.memmove(addr, data[pos : pos + k], k)
+            pos += k
+        self._overflow = data[pos:]
+        return len(data)
+
+    def overflow(self, n: int) -> memoryview:
+        return memoryview(self._overflow)[:n]
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def serve(ram, pair, driver, rx: bool, kick: int, call: int) -> None:
     config = RingConfig(
         index=0 if rx else 1, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
@@ -120,12 +153,14 @@ def serve(ram, pair, driver, rx: bool, kick: int, call: int) -> None:
     pair.set_ring_enabled(rx, True)
 
 
-@pytest.fixture(params=["readv", "batched"])
+@pytest.fixture(params=["readv", "batched", "scatter", "batched+scatter"])
 def rx(request):
     loop = EventLoop()
     host = ScriptedHost(room=0)
-    if request.param == "batched":
+    if "batched" in request.param:
         host.reader = ScriptedReader(host)
+    if "scatter" in request.param:
+        host.scatter = ScriptedScatter(host)
     with GuestRam(1 << 20) as ram:
         driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
         kick, call = os.eventfd(0), os.eventfd(0)
@@ -329,3 +364,97 @@ def test_batched_reads_that_fail_are_given_up_once_and_frames_go_by_readv(rx, ca
         pair.process_tap_rx_event()
     assert [h for h, _ in driver.used()] == heads[:4]  # every frame, by readv
     assert host.reader.closed and caplog.text.count("a batched read of the TAP failed") == 1
+
+
+def post_at(ram, driver, n: int, size: int) -> dict[int, int]:
+    """n one-buffer RX chains of `size` bytes: {head: guest address}."""
+    addrs = {}
+    for _ in range(n):
+        a = ram.alloc(size)
+        addrs[driver.add(writable=[(a, size)])] = a
+    driver.publish()
+    return addrs
+
+
+def frames_back(ram, driver, used, addrs) -> list[bytes]:
+    """The frames of used elements `used`, each joined from its num_buffers chains."""
+    frames, pos = [], 0
+    while pos < len(used):
+        k = int.from_bytes(ram.memory.read(addrs[used[pos][0]] + 10, 2), "little")
+        assert k >= 1, f"num_buffers {k} at used element {pos}"
+        frames.append(read_back(ram, driver, used[pos : pos + k], addrs))
+        pos += k
+    return frames
+
+
+def big_stream(n: int, size: int = 10000) -> list[bytes]:
+    return [bytes(10) + b"\x01\x00" + bytes([i]) * size for i in range(n)]
+
+
+def test_a_stream_of_large_frames_is_read_one_read_a_frame_in_place(rx):
+    ram, driver, pair, host = rx
+    addrs = post_at(ram, driver, 40, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # the first one shows the stream wants 3 buffers a frame
+    driver.used()
+    host.reads.clear()
+    frames = big_stream(4) + [bytes(HDR) + b"s" * 60]
+    host.incoming += frames
+    pair.process_tap_rx_event()
+    assert host.reads == [4] * 5  # each read across three chains, the small one too
+    used = driver.used()
+    assert [n for _, n in used] == [4096, 4096, 1820] * 4 + [72]
+    got = frames_back(ram, driver, used, addrs)
+    assert [g[HDR:] for g in got] == [f[HDR:] for f in frames]
+    assert pair.rxq.next_avail == 16 and pair.rx_counters.packets == 6
+
+
+def test_a_frame_longer_than_the_stream_s_span_is_placed_whole_and_in_order(rx):
+    ram, driver, pair, host = rx
+    addrs = post_at(ram, driver, 40, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # three buffers a frame from now on
+    driver.used()
+    frames = big_stream(1) + big_stream(1, size=20000) + big_stream(1)
+    host.incoming += frames
+    pair.process_tap_rx_event()
+    got = frames_back(ram, driver, driver.used(), addrs)
+    assert [g[HDR:] for g in got] == [f[HDR:] for f in frames]
+    assert [len(g) for g in got] == [len(f) for f in frames]  # 20012 bytes: five buffers
+    assert pair.rxq.next_avail == 3 + 3 + 5 + 3
+    assert pair.rx_counters.errors == 0
+
+
+def test_a_large_frame_fits_the_fewer_buffers_left_and_then_the_ring_waits(rx):
+    ram, driver, pair, host = rx
+    addrs = post_at(ram, driver, 5, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # three buffers a frame; two are left
+    host.incoming += big_stream(1, size=6000) + big_stream(1)
+    pair.process_tap_rx_event()
+    used = driver.used()
+    assert [len(g) for g in frames_back(ram, driver, used, addrs)] == [10012, 6012]
+    assert len(host.incoming) + len(pair._pending) == 1  # the last waits for buffers
+    assert pair.rxq.next_avail == 5
+    addrs.update(post_at(ram, driver, 3, 4096))
+    pair.process_rx_queue_event()
+    assert [len(g) for g in frames_back(ram, driver, driver.used(), addrs)] == [10012]
+
+
+def test_a_frame_is_not_read_into_the_few_chains_a_batch_ends_with_when_more_wait(rx):
+    ram, driver, pair, host = rx
+    addrs = post_at(ram, driver, SIZE, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # three buffers a frame from now on
+    driver.used()
+    addrs.update(post_at(ram, driver, 3, 4096))  # the ring full again: 64 buffers
+    host.reads.clear()
+    # 2 + 20 * 3 chains leave one at the end of a batch of 63 (whole spans):
+    # the last frame starts a batch of its own, with the ring's last two,
+    # rather than being read into that one and copied on.
+    frames = big_stream(1, size=6000) + big_stream(20) + big_stream(1, size=6000)
+    host.incoming += frames
+    pair.process_tap_rx_event()
+    assert host.reads == [4] * 21 + [3]
+    got = frames_back(ram, driver, driver.used(), addrs)
+    assert [g[HDR:] for g in got] == [f[HDR:] for f in frames]

@@ -15,7 +15,7 @@ from pyvhost.backends.uring import SpanReader, SpanWriter, probe
 from pyvhost.errors import UringUnavailableError
 from pyvhost.memory.region import buffer_address
 
-from .conftest import ETHERTYPE, HOST_MAC, io_uring_disabled, recv_ours
+from .conftest import ETHERTYPE, HOST_MAC, io_uring_disabled, recv_ours, tap_in
 
 pytestmark = pytest.mark.skipif(probe() is not None, reason=f"io_uring: {probe()}")
 
@@ -148,24 +148,6 @@ def test_where_io_uring_is_disabled_the_writer_says_why_and_the_tap_writes_one_b
             with caplog.at_level("INFO"):
                 assert tap.open_span_writer() is None
         assert "one writev each" in caplog.text
-    finally:
-        tap.close()
-
-
-@contextlib.contextmanager
-def tap_in(netns):
-    """A TAP with 12-byte virtio-net headers, its link in `netns`, and a packet
-    socket there: what the host side sends, the TAP's reader gets."""
-    name = f"pu{os.getpid() % 100000}"
-    tap = Tap.open(name, vnet_hdr=True, multi_queue=False)
-    try:
-        tap.set_vnet_hdr_size(12)
-        netns.adopt(name, ipv6=False)
-        host = netns.packet_socket(name)
-        try:
-            yield tap, host
-        finally:
-            host.close()
     finally:
         tap.close()
 

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 
+from pyvhost.backends.scatter import ScatterReader
 from pyvhost.backends.uring import SpanReader, SpanWriter
 from pyvhost.errors import TapError, UringUnavailableError
 
@@ -288,6 +289,12 @@ class Tap:
         if not self._may_use(SpanReader):
             return None
         return self._make_ring(SpanReader, "RX frames are read one readv each")
+
+    def open_scatter_reader(self) -> ScatterReader:
+        """A reader of one frame across many buffers named by address (readv
+        through libc): a large frame into a Linux guest's small RX buffers,
+        with no view built per buffer. Any kernel; nothing to refuse."""
+        return ScatterReader(self.fd)
 
     def _may_use(self, kind: type) -> bool:
         return self.io_uring != "off" and kind not in self._uring_refused

@@ -546,6 +546,19 @@ class SplitQueue(IotlbStalls):
         mask = self._mask
         nu = self._next_used
         logging_ = self._memory.log is not None
+        first = nu & mask
+        n = len(completions)
+        if not logging_ and first + n <= size:
+            # The common case: two strided stores, not one pack per element.
+            heads, written = zip(*completions, strict=True)
+            if max(heads) < size and min(heads) >= 0:
+                used32 = self._used32
+                used32[1 + 2 * first : 1 + 2 * (first + n) : 2] = array("I", heads)
+                used32[2 + 2 * first : 2 + 2 * (first + n) : 2] = array("I", written)
+                nu = (nu + n) & 0xFFFF
+                self._next_used = nu
+                self._used16[_IDX] = nu
+                return
         for head, written in completions:
             if not 0 <= head < size:
                 raise DescriptorIndexError(f"{self.name}: used head {head} is past the table")

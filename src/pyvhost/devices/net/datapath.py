@@ -26,7 +26,9 @@ import errno
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections import deque
+from itertools import accumulate
 from typing import Protocol
 
 from pyvhost import hooks
@@ -87,8 +89,10 @@ class HostQueue(Protocol):
     def write_iovec(self, buffers: list) -> int: ...
 
     # Optional: `open_span_writer()` and `open_span_reader()`, io_uring rings
-    # (backends/uring.py) for batched writes and reads, or None; the pair
-    # closes each with the ring it served. Without them, frame by frame.
+    # (backends/uring.py) for batched writes and reads, or None; and
+    # `open_scatter_reader()` (backends/scatter.py), one frame read across
+    # many buffers by address. The pair closes each with the ring it served.
+    # Without them, frame by frame, through views.
 
 
 class QueuePair:
@@ -144,6 +148,7 @@ class QueuePair:
         # RX buffers, or those a batched read left out of place (_rx_spans).
         self._pending: deque[bytes] = deque()
         self._span_reader = None  # batched TAP reads (io_uring), when the host side has them
+        self._scatter_reader = None  # a large frame read across chains by address
         self._zero_hdr = bytes(spec.HDR_SIZE)
         # Observers: hooks and captures (the device switches the pair to this
         # engine while any is attached). `observed` is the one test the
@@ -287,9 +292,13 @@ class QueuePair:
         self._rx_ring = ring
         self._rx_owner = self.loop.owner
         self.rxq = ring.queue
+        # Both readers take chains as spans: a split ring's pop_spans (a packed
+        # ring reads frame by frame, through views).
+        spans = hasattr(ring.queue, "pop_spans")
         make = getattr(self.host, "open_span_reader", None)
-        spans = make is not None and hasattr(ring.queue, "pop_spans")
-        self._span_reader = make() if spans else None
+        self._span_reader = make() if make is not None and spans else None
+        make = getattr(self.host, "open_scatter_reader", None)
+        self._scatter_reader = make() if make is not None and spans else None
         self.rx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
         )
@@ -324,6 +333,9 @@ class QueuePair:
             if self._span_reader is not None:
                 self._span_reader.close()
                 self._span_reader = None
+            if self._scatter_reader is not None:
+                self._scatter_reader.close()
+                self._scatter_reader = None
         else:
             if self.tx_notifier is not None:
                 self.tx_notifier.cancel()
@@ -546,6 +558,11 @@ class QueuePair:
             # Frames that fit one buffer (the last one did): read in batches.
             taken, stop = self._rx_spans(q, reader, 1 if self._rx_large_seen else want, done)
             span = self._rx_span if can_span else 1
+        if can_span and span > 1 and not stop and self._scatter_reader is not None:
+            # A stream of large frames: each read across its chains by address.
+            more, stop = self._rx_scatter(q, span, BUDGET - taken, done)
+            taken += more
+            span = self._rx_span
         while taken < BUDGET and not stop:
             size = max(span, min(want, BUDGET - taken))
             if span > 1:
@@ -628,7 +645,7 @@ class QueuePair:
                     write_at(writable, 10, used.to_bytes(2, "little"))
                     packets += 1
                     nbytes += total - hdr
-                    span = self._rx_span = used
+                    span = self._rx_span = max(span, used)  # see _rx_scatter
                     self._rx_large_seen = True
                     i += used
                     continue
@@ -738,6 +755,88 @@ class QueuePair:
                 return taken, True
             return taken, False
         return taken, False
+
+    def _rx_scatter(self, q: SplitQueue, span: int, budget: int, done: list) -> tuple[int, bool]:
+        """Large frames (a GSO stream into mergeable buffers), each read by one
+        readv across up to `span` one-buffer chains taken by address. Returns
+        (frames, stop) like _rx_spans; `_rx_span` follows what frames need."""
+        c = self.rx_counters
+        hdr = self.hdr_size
+        read = self._scatter_reader.read
+        taken = packets = nbytes = 0
+        stop = False
+        while taken < budget and not stop:
+            size = max(span, BUDGET - BUDGET % span)
+            heads, addrs, lengths = q.pop_spans(size, writable=True)
+            n = len(heads)
+            if not n:
+                break  # not one-buffer chains, or none: the general path decides
+            i = 0
+            while i < n:
+                k = min(span, n - i)
+                if k < span and i > 0:
+                    break  # too few left for a whole span: they start the next batch
+                if lengths[i] < hdr:
+                    c.errors += 1  # a buffer that cannot even hold the header
+                    done.append((heads[i], 0))
+                    i += 1
+                    continue
+                try:
+                    got = read(addrs[i : i + k], lengths[i : i + k])
+                except BlockingIOError:
+                    stop = True  # the TAP is empty
+                    break
+                except OSError as e:
+                    c.errors += 1
+                    log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
+                    stop = True
+                    break
+                if got < hdr:
+                    c.errors += 1  # not even a header: the TAP never gives that
+                    stop = True
+                    break
+                room = sum(lengths[i : i + k])
+                if got > room:
+                    # Longer than the chains taken: copied out, placed as pending.
+                    frame = b"".join(map(ctypes.string_at, addrs[i : i + k], lengths[i : i + k]))
+                    self._pending.append(frame + bytes(self._scatter_reader.overflow(got - room)))
+                    self._rx_span = span = min(BUDGET, -(-got // lengths[i]))
+                    stop = not self._place_pending_after(q, heads, i, n, done)
+                    i = n
+                    break
+                # The chains it filled: whole ones, then its last one in part.
+                ends = list(accumulate(lengths[i : i + k]))
+                used = bisect_left(ends, got) + 1
+                shares = lengths[i : i + used]
+                shares[-1] = got - (ends[used - 2] if used > 1 else 0)
+                done.extend(zip(heads[i : i + used], shares, strict=True))
+                q.memory.stamp([addrs[i]], 10, used.to_bytes(2, "little"))  # num_buffers
+                packets += 1
+                taken += 1
+                nbytes += got - hdr
+                i += used
+                # A smaller frame in a stream (a push) leaves the span: reading
+                # across more chains than a frame takes costs nothing (the next
+                # frame starts where it ended), fewer costs a copy. One chain:
+                # small frames again, for batched reads.
+                span = self._rx_span = 1 if used == 1 else max(span, used)
+                if used > 1:
+                    self._rx_large_seen = True
+                if taken >= budget:
+                    break
+            for _ in range(n - i):
+                q.unpop()  # the rest of the batch goes back to the ring
+            if span == 1:
+                break  # small frames again: batched reads take them
+        c.packets += packets
+        c.bytes += nbytes
+        return taken, stop
+
+    def _place_pending_after(self, q: SplitQueue, heads, i: int, n: int, done) -> bool:
+        """Give back chains i.. of the batch, then place the pending frames."""
+        for _ in range(n - i):
+            q.unpop()
+        return self._place_pending(q, done)
 
     def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
         """Copy `overflow` into further chains; on success queue all completions."""
