@@ -546,15 +546,13 @@ class SplitQueue(IotlbStalls):
         mask = self._mask
         nu = self._next_used
         logging_ = self._memory.log is not None
-        first = nu & mask
         n = len(completions)
-        if not logging_ and first + n <= size:
-            # The common case: two strided stores, not one pack per element.
+        if not logging_ and n <= size:
+            # The common case: strided stores (two, or four at the ring's end),
+            # not one pack per element.
             heads, written = zip(*completions, strict=True)
             if max(heads) < size and min(heads) >= 0:
-                used32 = self._used32
-                used32[1 + 2 * first : 1 + 2 * (first + n) : 2] = array("I", heads)
-                used32[2 + 2 * first : 2 + 2 * (first + n) : 2] = array("I", written)
+                self._store_used(nu & mask, array("I", heads), array("I", written))
                 nu = (nu + n) & 0xFFFF
                 self._next_used = nu
                 self._used16[_IDX] = nu
@@ -571,6 +569,17 @@ class SplitQueue(IotlbStalls):
         if logging_:
             self._log_used_idx()
 
+    def _store_used(self, first: int, heads: array, written: array) -> None:
+        """Used elements from slot `first` on (wrapping at the ring's end)."""
+        used32 = self._used32
+        n = len(heads)
+        k = min(n, self.size - first)
+        used32[1 + 2 * first : 1 + 2 * (first + k) : 2] = heads[:k]
+        used32[2 + 2 * first : 2 + 2 * (first + k) : 2] = written[:k]
+        if k < n:
+            used32[1 : 1 + 2 * (n - k) : 2] = heads[k:]
+            used32[2 : 2 + 2 * (n - k) : 2] = written[k:]
+
     def push_used_read(self, heads: list[int]) -> None:
         """Return chains the device only read (written = 0, a TX frame), publishing
         used.idx once: the elements go in as two strided stores, not one by one."""
@@ -580,11 +589,10 @@ class SplitQueue(IotlbStalls):
         nu = self._next_used
         first = nu & self._mask
         n = len(heads)
-        if self._memory.log is not None or first + n > self.size or max(heads) >= self.size:
-            self.push_used_batch([(head, 0) for head in heads])  # logs, wraps, or refuses
+        if self._memory.log is not None or n > self.size or max(heads) >= self.size:
+            self.push_used_batch([(head, 0) for head in heads])  # logs, or refuses
             return
-        used32[1 + 2 * first : 1 + 2 * (first + n) : 2] = array("I", heads)
-        used32[2 + 2 * first : 2 + 2 * (first + n) : 2] = array("I", bytes(4 * n))
+        self._store_used(first, array("I", heads), array("I", bytes(4 * n)))
         nu = (nu + n) & 0xFFFF
         self._next_used = nu
         self._used16[_IDX] = nu
