@@ -38,6 +38,7 @@ class ScriptedHost:
         self.reads: list[int] = []  # how many buffers each read was offered
         self.reader: ScriptedReader | None = None
         self.scatter: ScriptedScatter | None = None
+        self.gather: ScriptedGather | None = None
         self._fd = os.eventfd(0)
 
     def fileno(self) -> int:
@@ -63,6 +64,9 @@ class ScriptedHost:
 
     def open_scatter_reader(self):
         return self.scatter
+
+    def open_gather_writer(self):
+        return self.gather
 
     def write_iovec(self, buffers: list) -> int:
         if len(self.frames) >= self.room:
@@ -144,10 +148,29 @@ class ScriptedScatter:
         self.closed = True
 
 
+class ScriptedGather:
+    """GatherWriter's contract over the scripted host: a frame from the spans,
+    or BlockingIOError once the host's room is used up."""
+
+    def __init__(self, host: ScriptedHost) -> None:
+        self.host = host
+        self.closed = False
+
+    def write(self, addresses: list[int], lengths: list[int]) -> int:
+        if len(self.host.frames) >= self.host.room:
+            raise BlockingIOError
+        self.host.frames.append(b"".join(map(ctypes.string_at, addresses, lengths)))
+        return len(self.host.frames[-1])
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def serve(ram, pair, driver, rx: bool, kick: int, call: int) -> None:
     config = RingConfig(
         index=0 if rx else 1, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
         used=driver.used_addr, base=0, memory=ram.map_again(), kick_fd=kick, call_fd=call,
+        indirect=True,
     )  # fmt: skip
     pair.start_ring(rx, config)
     pair.set_ring_enabled(rx, True)
@@ -213,15 +236,17 @@ def test_a_frame_too_big_for_one_buffer_merges_into_the_next_ones_in_order(rx):
     assert pair.rxq.next_avail == 5
 
 
-@pytest.fixture
-def tx():
+@pytest.fixture(params=["writev", "gather"])
+def tx(request):
     loop = EventLoop()
     host = ScriptedHost(room=5)
+    if request.param == "gather":
+        host.gather = ScriptedGather(host)
     with GuestRam(1 << 20) as ram:
         driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
         kick, call = os.eventfd(0), os.eventfd(0)
         pair = QueuePair(0, host, loop)
-        pair.configure(1 << 32)
+        pair.configure(1 << 32 | 1 << 28)  # VERSION_1, INDIRECT_DESC
         serve(ram, pair, driver, False, kick, call)
         yield ram, driver, pair, host
         pair.close()
@@ -264,6 +289,48 @@ def test_counters_of_a_batch_add_up_to_its_frames_and_bytes(tx):
     pair.process_tx_queue_event()
     assert pair.tx_counters.packets == 40
     assert pair.tx_counters.bytes == sum(len(f) - HDR for f in frames)
+
+
+def test_frames_of_several_buffers_direct_or_indirect_go_whole_and_in_order(tx):
+    ram, driver, pair, host = tx
+    host.room = 100
+    frames = []
+    for i in range(12):
+        data = bytes(HDR) + bytes([i]) * (60 + 1000 * (i % 3))
+        parts = [data[: HDR + 20], data[HDR + 20 :]] if i % 3 else [data]
+        bufs = []
+        for part in parts:
+            addr = ram.alloc(len(part))
+            ram.memory.write(addr, part)
+            bufs.append((addr, len(part)))
+        if i % 4 == 3:
+            driver.add_indirect(ram.alloc(16 * len(bufs)), readable=bufs)
+        else:
+            driver.add(readable=bufs)
+        frames.append(data)
+    driver.publish()
+    pair.process_tx_queue_event()
+    assert host.frames == frames
+    assert len(driver.used()) == 12 and pair.tx_counters.packets == 12
+    assert pair.tx_counters.bytes == sum(len(f) - HDR for f in frames)
+
+
+def test_a_full_tap_gives_back_frames_of_several_buffers_in_order(tx):
+    ram, driver, pair, host = tx
+    frames = []
+    for i in range(8):
+        data = bytes(HDR) + bytes([i]) * 100
+        a, b = ram.alloc(HDR), ram.alloc(100)
+        ram.memory.write(a, data[:HDR])
+        ram.memory.write(b, data[HDR:])
+        driver.add(readable=[(a, HDR), (b, 100)])
+        frames.append(data)
+    driver.publish()
+    pair.process_tx_queue_event()
+    assert host.frames == frames[:5] and len(driver.used()) == 5
+    host.room = 100
+    pair._on_tap_writable()
+    assert host.frames == frames and len(driver.used()) == 3
 
 
 def read_back(ram, driver, used, addrs) -> bytes:

@@ -1,5 +1,5 @@
-"""One frame read across buffers named by address (backends/scatter.py), on a
-real TAP and on pipes."""
+"""One frame read across buffers named by address, or written from them
+(backends/scatter.py), on a real TAP and on pipes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import select
 
 import pytest
 
-from pyvhost.backends.scatter import ScatterReader
+from pyvhost.backends.scatter import GatherWriter, ScatterReader
 
-from .conftest import ETHERTYPE, HOST_MAC, tap_in
+from .conftest import ETHERTYPE, HOST_MAC, recv_ours, tap_in
 
 
 def buffers(*sizes: int) -> tuple[list, list[int], list[int]]:
@@ -87,6 +87,43 @@ def test_no_spans_or_more_than_the_table_holds_are_refused(n):
         with pytest.raises(ValueError, match="1 to 4"):
             reader.read([1] * n, [1] * n)
         reader.close()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_frame_written_from_its_spans_arrives_whole_and_one_frame_each(netns):
+    with tap_in(netns) as (tap, host):
+        host.settimeout(5)
+        frames = [
+            b"\xff" * 6 + HOST_MAC + ETHERTYPE + bytes([i]) * (100 + 300 * i) for i in range(3)
+        ]
+        writer = tap.open_gather_writer()
+        try:
+            for f in frames:
+                data = bytes(12) + f  # a clean virtio-net header, then the frame in 3 parts
+                cuts = [0, 12, 12 + 20, len(data)]
+                bufs = [
+                    ctypes.create_string_buffer(data[a:b], b - a)
+                    for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+                ]
+                assert writer.write(
+                    [ctypes.addressof(b) for b in bufs], [len(b) for b in bufs]
+                ) == len(data)
+        finally:
+            writer.close()
+        assert recv_ours(host, 3) == frames
+
+
+def test_a_span_the_kernel_cannot_read_is_efault_for_that_write():
+    r, w = os.pipe()
+    try:
+        writer = GatherWriter(w)
+        good = ctypes.create_string_buffer(b"ok", 2)
+        with pytest.raises(OSError) as e:
+            writer.write([ctypes.addressof(good), 8], [2, 2])  # address 8 is never mapped
+        assert e.value.errno == errno.EFAULT
+        writer.close()
     finally:
         os.close(r)
         os.close(w)

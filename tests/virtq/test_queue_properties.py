@@ -32,8 +32,16 @@ def rings(draw):
     head = st.one_of(st.integers(0, size - 1), st.integers(0, 0xFFFF))  # mostly in the table
     heads = draw(st.lists(head, min_size=size, max_size=size))
     avail_idx = draw(st.one_of(st.integers(0, size), st.integers(0, 0xFFFF)))
-    # An indirect table the descriptors may point at, itself random.
+    # An indirect table the descriptors may point at: random; or with the
+    # flags of entries chained in order (NEXT on all but the last), and next
+    # indices in order as a driver lays them out, or drawn.
     indirect = draw(st.lists(descriptor(8), min_size=0, max_size=8))
+    layout = draw(st.sampled_from(["random", "flags in order", "in order"]))
+    if layout != "random":
+        last = len(indirect) - 1
+        indirect = [(a, n, int(i < last) | f & 2,
+                     nxt if layout == "flags in order" else i + 1 if i < last else 0)
+                    for i, (a, n, f, nxt) in enumerate(indirect)]  # fmt: skip
     return size, descs, heads, avail_idx, indirect, draw(st.booleans()), draw(st.booleans())
 
 
@@ -96,15 +104,17 @@ def test_a_batch_pop_takes_what_single_pops_take_and_breaks_alike(ring, limit):
     for batched in (False, True):
         with GuestRam(RAM) as ram:
             driver, device = lay_out(ram, ring)
+            # Each chain's bytes as soon as it is taken: a buffer may overlap the
+            # ring, and pop() re-arms kicks (writing the ring) when it finds none.
             if batched:
-                chains = device.pop_batch(limit)
+                facts = [_chain_facts(c) for c in device.pop_batch(limit)]
             else:
-                chains = []
-                while len(chains) < limit and (chain := device.pop()) is not None:
-                    chains.append(chain)
+                facts = []
+                while len(facts) < limit and (chain := device.pop()) is not None:
+                    facts.append(_chain_facts(chain))
             outcomes.append(
                 (
-                    [_chain_facts(c) for c in chains],
+                    facts,
                     type(device.broken),
                     str(device.broken),
                     device.next_avail,
@@ -128,6 +138,27 @@ def test_spans_then_a_batch_take_what_a_batch_alone_takes_and_break_alike(ring, 
                 heads, addrs, lengths = device.pop_spans(limit)
                 for head, addr, length in zip(heads, addrs, lengths, strict=True):
                     taken.append((head, [ctypes.string_at(addr, length)], [], length, 0))
+            taken += [_chain_facts(c) for c in device.pop_batch(limit - len(taken))]
+            outcomes.append((taken, type(device.broken), str(device.broken), device.next_avail))
+            device.close()
+    assert outcomes[0] == outcomes[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(rings(), st.integers(1, 20))
+def test_gathers_then_a_batch_take_what_a_batch_alone_takes_and_break_alike(ring, limit):
+    """pop_gathers takes the readable-only chains at the front (direct, or an
+    indirect table in order), by host address; pop_batch takes the rest: the
+    same chains, bytes and outcome."""
+    outcomes = []
+    for gathers_first in (False, True):
+        with GuestRam(RAM) as ram:
+            driver, device = lay_out(ram, ring)
+            taken = []
+            if gathers_first:
+                heads, addrs, lengths = device.pop_gathers(limit)
+                for head, a, n in zip(heads, addrs, lengths, strict=True):
+                    taken.append((head, list(map(ctypes.string_at, a, n)), [], sum(n), 0))
             taken += [_chain_facts(c) for c in device.pop_batch(limit - len(taken))]
             outcomes.append((taken, type(device.broken), str(device.broken), device.next_avail))
             device.close()

@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 
-from pyvhost.backends.scatter import ScatterReader
+from pyvhost.backends.scatter import GatherWriter, ScatterReader
 from pyvhost.backends.uring import SpanReader, SpanWriter
 from pyvhost.errors import TapError, UringUnavailableError
 
@@ -295,6 +295,12 @@ class Tap:
         through libc): a large frame into a Linux guest's small RX buffers,
         with no view built per buffer. Any kernel; nothing to refuse."""
         return ScatterReader(self.fd)
+
+    def open_gather_writer(self) -> GatherWriter:
+        """A writer of one frame from many buffers named by address (writev
+        through libc): a TX chain of several descriptors, with no view built
+        per buffer. Any kernel; nothing to refuse."""
+        return GatherWriter(self.fd)
 
     def _may_use(self, kind: type) -> bool:
         return self.io_uring != "off" and kind not in self._uring_refused

@@ -136,6 +136,7 @@ class QueuePair:
         self.rx_starved = False  # no RX buffers: the TAP is not being read
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
         self._span_writer = None  # batched TAP writes (io_uring), when the host side has them
+        self._gather_writer = None  # a frame of several buffers written by address
         self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         # A frame larger than one buffer came lately: batched reads start with
@@ -314,9 +315,11 @@ class QueuePair:
         self.txq = ring.queue
         # Batched writes take chains as spans: a split ring's pop_spans (a packed
         # ring goes frame by frame).
+        spans = hasattr(ring.queue, "pop_spans")
         make = getattr(self.host, "open_span_writer", None)
-        spans = make is not None and hasattr(ring.queue, "pop_spans")
-        self._span_writer = make() if spans else None
+        self._span_writer = make() if make is not None and spans else None
+        make = getattr(self.host, "open_gather_writer", None)
+        self._gather_writer = make() if make is not None and spans else None
         self.tx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.tx_window_ns, lambda sent: count_signal(c, sent)
         )
@@ -345,6 +348,9 @@ class QueuePair:
             if self._span_writer is not None:
                 self._span_writer.close()
                 self._span_writer = None
+            if self._gather_writer is not None:
+                self._gather_writer.close()
+                self._gather_writer = None
             if self._tx_blocked:
                 self._tx_blocked = False
                 self.loop.remove_writer(self.host.fileno())
@@ -424,7 +430,9 @@ class QueuePair:
         # Batched writes: chains of one buffer (a small frame, header in front)
         # go to the TAP in one system call per batch, written from guest memory
         # by address. Anything else, and observed frames, take the path below.
-        spans = self._span_writer if self.tx_enabled and not self.observed and not strip else None
+        plain = self.tx_enabled and not self.observed and not strip
+        spans = self._span_writer if plain else None
+        gathers = self._gather_writer if plain else None
         while consumed < TX_BUDGET:
             if spans is not None:
                 heads, addrs, lengths = q.pop_spans(min(BUDGET, TX_BUDGET - consumed))
@@ -445,6 +453,42 @@ class QueuePair:
                                 errors += 1  # EINVAL: a runt or a malformed GSO header
                     consumed += n
                     q.push_used_read(heads)
+                    continue
+            if gathers is not None:
+                # Frames of several buffers (a GSO frame's fragments, or any
+                # frame where io_uring is not used): a writev by address each.
+                heads, addrs, lengths = q.pop_gathers(min(BUDGET, TX_BUDGET - consumed))
+                if heads:
+                    sent = 0
+                    for buf_addrs, buf_lengths in zip(addrs, lengths, strict=True):
+                        length = sum(buf_lengths)
+                        if length <= hdr:
+                            errors += 1  # no frame behind the header
+                            sent += 1
+                            continue
+                        try:
+                            gathers.write(buf_addrs, buf_lengths)
+                            packets += 1
+                            sent_bytes += length - hdr
+                        except BlockingIOError:
+                            # The TAP's send buffer is full: this chain and the
+                            # rest go back, in order, until there is room.
+                            for _ in range(len(heads) - sent):
+                                q.unpop()
+                            self._tx_blocked = True
+                            self.loop.add_writer(self.host.fileno(), self._on_tap_writable)
+                            break
+                        except OSError as e:
+                            if e.errno in (errno.EIO, errno.ENETDOWN):
+                                drops += 1  # the TAP is down
+                            else:
+                                errors += 1  # e.g. EINVAL: a malformed GSO header
+                                log.debug("tx%d: TAP refused a frame: %s", self.pair, e.strerror)
+                        sent += 1
+                    consumed += sent
+                    q.push_used_read(heads[:sent])
+                    if self._tx_blocked:
+                        break
                     continue
             chains = q.pop_batch(min(BUDGET, TX_BUDGET - consumed))
             if not chains:
