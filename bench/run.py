@@ -54,6 +54,8 @@ def pyvhost_variants(args) -> dict[str, list[str]]:
         out["pyvhost-untuned"] = UNTUNED
     for extra in args.also:
         out[f"pyvhost {extra}"] = extra.split()
+        for name, tree in BEFORE.items():  # the same setting before, for an A/B under it
+            out[f"{name} {extra}"] = [FROM_TREE + tree, *extra.split()]
     return out
 
 
@@ -225,7 +227,10 @@ def bench_throughput(args, image, workdir: Path) -> dict:
     # guest never resolves ARP. It stays behind --dpdk-guest; see BENCHMARKS.md.
     variants = pyvhost_variants(args)
     kinds = ["pyvhost", "qemu-tap", *list(variants)[1:]] + (["dpdk"] if args.dpdk_guest else [])
-    results = {k: {"to_host": [], "to_guest": [], "cpu_per_gb": []} for k in kinds}
+    results = {
+        k: {"to_host": [], "to_guest": [], "cpu_per_gb": [], "cpu_to_host": [], "cpu_to_guest": []}
+        for k in kinds
+    }
     for r in range(args.repeats):
         for kind in kinds:
             print(f"  throughput run {r + 1}/{args.repeats}: {kind}", flush=True)
@@ -239,6 +244,8 @@ def bench_throughput(args, image, workdir: Path) -> dict:
             results[kind]["to_host"].append(up)
             results[kind]["to_guest"].append(down)
             results[kind]["cpu_per_gb"].append((cpu_up + cpu_down) / 2)
+            results[kind]["cpu_to_host"].append(cpu_up)
+            results[kind]["cpu_to_guest"].append(cpu_down)
     return {k: {m: summary(v) for m, v in d.items()} for k, d in results.items()}
 
 
@@ -699,7 +706,8 @@ def main() -> int:
         default=[],
         metavar="OPTIONS",
         help="also run pyvhost with these `pyvhost net` options (quoted; repeatable) "
-        'in the throughput, tso and latency comparisons, e.g. --also "--poll-us 200"',
+        "in the throughput, tso and latency comparisons (and --before REV with them too), "
+        'e.g. --also "--poll-us 200"',
     )
     ap.add_argument(
         "--before",
@@ -774,6 +782,9 @@ def report(results: dict) -> None:
             k = t[kind]
             print(f"  {kind:22} to host {fmt(k['to_host'])}  to guest {fmt(k['to_guest'])}"
                   f"  cpu/GB {k['cpu_per_gb']['median']:.2f}")  # fmt: skip
+            if "cpu_to_host" in k:  # the two directions' costs, each its own median
+                print(f"  {'':22} cpu/GB to host {k['cpu_to_host']['median']:.2f}"
+                      f"  to guest {k['cpu_to_guest']['median']:.2f}")  # fmt: skip
         for anchor in [a for a in ("qemu-tap", "dpdk") if a in t]:
             for kind in [k for k in t if k.startswith("pyvhost")]:
                 cpu = ratio_of(t[kind]["cpu_per_gb"], t[anchor]["cpu_per_gb"])

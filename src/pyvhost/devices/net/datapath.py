@@ -604,7 +604,7 @@ class QueuePair:
             span = self._rx_span if can_span else 1
         if can_span and span > 1 and not stop and self._scatter_reader is not None:
             # A stream of large frames: each read across its chains by address.
-            more, stop = self._rx_scatter(q, span, BUDGET - taken, done)
+            more, stop = self._rx_scatter(q, span, want, BUDGET - taken, done)
             taken += more
             span = self._rx_span
         while taken < BUDGET and not stop:
@@ -800,9 +800,12 @@ class QueuePair:
             return taken, False
         return taken, False
 
-    def _rx_scatter(self, q: SplitQueue, span: int, budget: int, done: list) -> tuple[int, bool]:
+    def _rx_scatter(
+        self, q: SplitQueue, span: int, want: int, budget: int, done: list
+    ) -> tuple[int, bool]:
         """Large frames (a GSO stream into mergeable buffers), each read by one
-        readv across up to `span` one-buffer chains taken by address. Returns
+        readv across up to `span` one-buffer chains taken by address, `want`
+        frames' worth at a time (doubling while the TAP keeps up). Returns
         (frames, stop) like _rx_spans; `_rx_span` follows what frames need."""
         c = self.rx_counters
         hdr = self.hdr_size
@@ -810,7 +813,9 @@ class QueuePair:
         taken = packets = nbytes = 0
         stop = False
         while taken < budget and not stop:
-            size = max(span, BUDGET - BUDGET % span)
+            # Chains for `want` frames, whole spans: taking more than the TAP
+            # holds costs a pop and an unpop each.
+            size = max(span, min(want * span, BUDGET - BUDGET % span))
             heads, addrs, lengths = q.pop_spans(size, writable=True)
             n = len(heads)
             if not n:
@@ -872,6 +877,7 @@ class QueuePair:
                 q.unpop()  # the rest of the batch goes back to the ring
             if span == 1:
                 break  # small frames again: batched reads take them
+            want *= 2  # the batch was used up: more may wait
         c.packets += packets
         c.bytes += nbytes
         return taken, stop
