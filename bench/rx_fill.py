@@ -4,10 +4,8 @@ A QueuePair fills a ring of mergeable RX buffers (one descriptor each, as a
 Linux guest posts them) with 64 KiB frames from a host side that hands over
 a frame without copying it, so the figure is pyvhost's own work: popping the
 chains, building the read's iovec, returning the used elements. A Linux
-guest's buffers are 4 KiB under a TCP stream (17 chains per frame); the bench
-front-end's are 16 KiB (5 chains). Two ways, in one invocation: the read
-given a view of each chain (os.readv), and given their addresses
-(ScatterReader, what a TAP offers), the ratio between them.
+guest's buffers are 4 KiB under a TCP stream (16 chains per frame); the bench
+front-end's are 16 KiB (5 chains).
 
     python bench/rx_fill.py [--repeats 5]
 """
@@ -35,18 +33,13 @@ FRAME = 12 + 65536  # the mergeable header and a 64 KiB GSO frame
 
 
 class FrameSource:
-    """A host side with `left` frames of FRAME bytes queued, read without a copy;
-    with `by_address`, it offers a scatter reader as a TAP does."""
+    """A host side with `left` frames of FRAME bytes queued, read without a copy."""
 
     has_vnet_hdr = True
 
-    def __init__(self, by_address: bool) -> None:
+    def __init__(self) -> None:
         self._fd = os.eventfd(0)
         self.left = 0
-        self.by_address = by_address
-
-    def open_scatter_reader(self):
-        return _ByAddress(self) if self.by_address else None
 
     def fileno(self) -> int:
         return self._fd
@@ -67,18 +60,8 @@ class FrameSource:
         os.close(self._fd)
 
 
-class _ByAddress:
-    """ScatterReader's contract over a FrameSource: a frame, taken without a copy."""
-
-    def __init__(self, source: FrameSource) -> None:
-        self.read = lambda addresses, lengths: source.read_iovec(addresses)
-
-    def close(self) -> None:
-        pass
-
-
-def per_frame_us(buf: int, repeats: int, by_address: bool) -> list[float]:
-    loop, host = EventLoop(), FrameSource(by_address)
+def per_frame_us(buf: int, repeats: int) -> list[float]:
+    loop, host = EventLoop(), FrameSource()
     chains = -(-FRAME // buf)
     frames_per_fill = SIZE // chains
     out = []
@@ -126,17 +109,11 @@ def main() -> None:
     args = ap.parse_args()
     print(f"RX of 64 KiB frames into mergeable buffers; {machine()}")
     for buf in (4096, 16384):
+        us = per_frame_us(buf, args.repeats)
         chains = -(-FRAME // buf)
-        medians = []
-        for by_address in (False, True):
-            us = per_frame_us(buf, args.repeats, by_address)
-            m = statistics.median(us)
-            medians.append(m)
-            how = "by address" if by_address else "by views  "
-            print(f"  {buf // 1024:2d} KiB ({chains:2d} chains a frame), {how}: {m:6.1f} us "
-                  f"a frame (min {min(us):.1f}, max {max(us):.1f}), "
-                  f"{m / chains:.2f} us a chain")  # fmt: skip
-        print(f"  {buf // 1024:2d} KiB: by views / by address = {medians[0] / medians[1]:.2f}x")
+        m = statistics.median(us)
+        print(f"  {buf // 1024:2d} KiB buffers ({chains:2d} chains a frame): {m:6.1f} us a frame "
+              f"(min {min(us):.1f}, max {max(us):.1f}), {m / chains:.2f} us a chain")  # fmt: skip
 
 
 if __name__ == "__main__":

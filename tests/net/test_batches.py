@@ -37,8 +37,6 @@ class ScriptedHost:
         self.incoming: list[bytes] = []  # frames to be read, with their vnet header
         self.reads: list[int] = []  # how many buffers each read was offered
         self.reader: ScriptedReader | None = None
-        self.scatter: ScriptedScatter | None = None
-        self.gather: ScriptedGather | None = None
         self._fd = os.eventfd(0)
 
     def fileno(self) -> int:
@@ -61,12 +59,6 @@ class ScriptedHost:
 
     def open_span_reader(self):
         return self.reader
-
-    def open_scatter_reader(self):
-        return self.scatter
-
-    def open_gather_writer(self):
-        return self.gather
 
     def write_iovec(self, buffers: list) -> int:
         if len(self.frames) >= self.room:
@@ -119,53 +111,6 @@ class ScriptedReader:
         self.closed = True
 
 
-class ScriptedScatter:
-    """ScatterReader's contract over the scripted host's frames: the next frame
-    across the spans in order, the rest into the overflow; none: BlockingIOError."""
-
-    def __init__(self, host: ScriptedHost) -> None:
-        self.host = host
-        self.closed = False
-        self._overflow = b""
-
-    def read(self, addresses: list[int], lengths: list[int]) -> int:
-        if not self.host.incoming:
-            raise BlockingIOError
-        self.host.reads.append(len(addresses) + 1)  # the spans and the overflow
-        data = self.host.incoming.pop(0)
-        pos = 0
-        for addr, room in zip(addresses, lengths, strict=True):
-            k = min(room, len(data) - pos)
-            ctypes.memmove(addr, data[pos : pos + k], k)
-            pos += k
-        self._overflow = data[pos:]
-        return len(data)
-
-    def overflow(self, n: int) -> memoryview:
-        return memoryview(self._overflow)[:n]
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class ScriptedGather:
-    """GatherWriter's contract over the scripted host: a frame from the spans,
-    or BlockingIOError once the host's room is used up."""
-
-    def __init__(self, host: ScriptedHost) -> None:
-        self.host = host
-        self.closed = False
-
-    def write(self, addresses: list[int], lengths: list[int]) -> int:
-        if len(self.host.frames) >= self.host.room:
-            raise BlockingIOError
-        self.host.frames.append(b"".join(map(ctypes.string_at, addresses, lengths)))
-        return len(self.host.frames[-1])
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def serve(ram, pair, driver, rx: bool, kick: int, call: int) -> None:
     config = RingConfig(
         index=0 if rx else 1, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
@@ -176,14 +121,12 @@ def serve(ram, pair, driver, rx: bool, kick: int, call: int) -> None:
     pair.set_ring_enabled(rx, True)
 
 
-@pytest.fixture(params=["readv", "batched", "scatter", "batched+scatter"])
+@pytest.fixture(params=["readv", "batched"])
 def rx(request):
     loop = EventLoop()
     host = ScriptedHost(room=0)
-    if "batched" in request.param:
+    if request.param == "batched":
         host.reader = ScriptedReader(host)
-    if "scatter" in request.param:
-        host.scatter = ScriptedScatter(host)
     with GuestRam(1 << 20) as ram:
         driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
         kick, call = os.eventfd(0), os.eventfd(0)
@@ -236,12 +179,10 @@ def test_a_frame_too_big_for_one_buffer_merges_into_the_next_ones_in_order(rx):
     assert pair.rxq.next_avail == 5
 
 
-@pytest.fixture(params=["writev", "gather"])
-def tx(request):
+@pytest.fixture
+def tx():
     loop = EventLoop()
     host = ScriptedHost(room=5)
-    if request.param == "gather":
-        host.gather = ScriptedGather(host)
     with GuestRam(1 << 20) as ram:
         driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
         kick, call = os.eventfd(0), os.eventfd(0)

@@ -142,24 +142,3 @@ def test_spans_then_a_batch_take_what_a_batch_alone_takes_and_break_alike(ring, 
             outcomes.append((taken, type(device.broken), str(device.broken), device.next_avail))
             device.close()
     assert outcomes[0] == outcomes[1]
-
-
-@settings(max_examples=300, deadline=None)
-@given(rings(), st.integers(1, 20))
-def test_gathers_then_a_batch_take_what_a_batch_alone_takes_and_break_alike(ring, limit):
-    """pop_gathers takes the readable-only chains at the front (direct, or an
-    indirect table in order), by host address; pop_batch takes the rest: the
-    same chains, bytes and outcome."""
-    outcomes = []
-    for gathers_first in (False, True):
-        with GuestRam(RAM) as ram:
-            driver, device = lay_out(ram, ring)
-            taken = []
-            if gathers_first:
-                heads, addrs, lengths = device.pop_gathers(limit)
-                for head, a, n in zip(heads, addrs, lengths, strict=True):
-                    taken.append((head, list(map(ctypes.string_at, a, n)), [], sum(n), 0))
-            taken += [_chain_facts(c) for c in device.pop_batch(limit - len(taken))]
-            outcomes.append((taken, type(device.broken), str(device.broken), device.next_avail))
-            device.close()
-    assert outcomes[0] == outcomes[1]

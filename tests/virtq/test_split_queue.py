@@ -11,7 +11,6 @@ from pyvhost.errors import QueueConfigError
 from pyvhost.memory import GuestAddress, GuestMemory, RegionSpec
 from pyvhost.testing import GuestRam, memfd, queue_pair
 from pyvhost.virtq import DriverQueue, SplitQueue, ring_footprint
-from pyvhost.virtq.layout import DESC
 
 
 def test_an_empty_queue_pops_nothing(ram):
@@ -461,81 +460,3 @@ def test_no_writable_spans_while_the_dirty_log_is_on(ram):
         device.memory.set_log(None)
     finally:
         os.close(fd)
-
-
-def test_gathers_are_a_tx_frame_s_buffers_given_by_host_address(ram):
-    driver, device = queue_pair(ram, 8)
-    parts = [(ram.alloc(64), 12), (ram.alloc(64), 40), (ram.alloc(64), 64)]
-    for i, (addr, n) in enumerate(parts):
-        ram.memory.write(addr, bytes([i + 1]) * n)
-    head = driver.add(readable=parts)
-    driver.publish()
-    heads, addrs, lengths = device.pop_gathers(8)
-    assert heads == [head] and lengths == [[12, 40, 64]]
-    assert [ctypes.string_at(a, n) for a, n in zip(addrs[0], lengths[0], strict=True)] == [
-        bytes([i + 1]) * n for i, (_, n) in enumerate(parts)
-    ]
-    assert device.next_avail == 1
-
-
-def test_gathers_take_an_indirect_table_laid_out_in_order(ram):
-    driver, device = queue_pair(ram, 8, indirect=True)
-    parts = [(ram.alloc(4096), 4096) for _ in range(17)]
-    for i, (addr, n) in enumerate(parts):
-        ram.memory.write(addr, bytes([i]) * n)
-    head = driver.add_indirect(ram.alloc(16 * 17), readable=parts)
-    single = driver.add(readable=[(ram.alloc(64), 64)])
-    driver.publish()
-    heads, addrs, lengths = device.pop_gathers(8)
-    assert heads == [head, single] and lengths[0] == [4096] * 17
-    assert b"".join(ctypes.string_at(a, 4096) for a in addrs[0]) == b"".join(
-        bytes([i]) * 4096 for i in range(17)
-    )
-
-
-@pytest.mark.parametrize(
-    "why",
-    ["out of order", "a writable entry", "not negotiated", "too many entries", "a zero length"],
-)
-def test_gathers_leave_an_indirect_table_they_doubt_to_pop_batch(ram, why):
-    driver, device = queue_pair(ram, 8, indirect=why != "not negotiated")
-    first = driver.add(readable=[(ram.alloc(64), 64)])
-    table = ram.alloc(16 * 70)
-    n = 70 if why == "too many entries" else 3
-    head = driver.add_indirect(
-        table,
-        readable=[(ram.alloc(64), 0 if why == "a zero length" else 64) for _ in range(n)],
-        writable=[(ram.alloc(64), 64)] if why == "a writable entry" else [],
-    )
-    if why == "out of order":  # NEXT, NEXT, end as in order, but entry 0 goes to 2
-        ram.memory.write(table, DESC.pack(ram.alloc(8), 8, 1, 2))
-    driver.publish()
-    assert device.pop_gathers(8)[0] == [first]
-    assert device.pop_gathers(8) == ([], [], [])  # left where it is
-    chains = device.pop_batch(8)  # which takes it, or says what is wrong with it
-    assert [c.head for c in chains] == [head] or device.broken is not None
-
-
-def test_gathers_stop_before_a_chain_outside_guest_memory_which_then_breaks_the_queue(ram):
-    driver, device = queue_pair(ram, 8)
-    good = driver.add(readable=[(ram.alloc(32), 12), (ram.alloc(32), 32)])
-    bad = driver.add(readable=[(ram.alloc(32), 12), (ram.alloc(32), 32)])
-    driver.write_desc(driver._chains[bad][1], 1 << 40, 32, 0, 0)
-    driver.publish()
-    assert device.pop_gathers(8)[0] == [good]
-    assert device.pop_batch(8) == [] and device.broken is not None
-    assert device.pop_gathers(8) == ([], [], [])
-
-
-def test_gathers_stop_before_an_rx_buffer_and_a_looping_chain(ram):
-    driver, device = queue_pair(ram, 8)
-    rx = driver.add(readable=[(ram.alloc(32), 12)], writable=[(ram.alloc(32), 32)])
-    driver.publish()
-    assert device.pop_gathers(8) == ([], [], [])
-    assert device.pop().head == rx
-    loop = driver.add(readable=[(ram.alloc(32), 12), (ram.alloc(32), 32)])
-    a, b = driver._chains[loop]
-    driver.write_desc(b, ram.alloc(32), 32, 1, a)  # b leads back to a
-    driver.publish()
-    assert device.pop_gathers(8, max_buffers=4) == ([], [], [])
-    assert device.pop_batch(8) == [] and device.broken is not None

@@ -15,7 +15,6 @@ import os
 import socket
 import struct
 
-from pyvhost.backends.scatter import GatherWriter, ScatterReader
 from pyvhost.backends.uring import SpanReader, SpanWriter
 from pyvhost.errors import TapError, UringUnavailableError
 
@@ -289,18 +288,6 @@ class Tap:
         if not self._may_use(SpanReader):
             return None
         return self._make_ring(SpanReader, "RX frames are read one readv each")
-
-    def open_scatter_reader(self) -> ScatterReader:
-        """A reader of one frame across many buffers named by address (readv
-        through libc): a large frame into a Linux guest's small RX buffers,
-        with no view built per buffer. Any kernel; nothing to refuse."""
-        return ScatterReader(self.fd)
-
-    def open_gather_writer(self) -> GatherWriter:
-        """A writer of one frame from many buffers named by address (writev
-        through libc): a TX chain of several descriptors, with no view built
-        per buffer. Any kernel; nothing to refuse."""
-        return GatherWriter(self.fd)
 
     def _may_use(self, kind: type) -> bool:
         return self.io_uring != "off" and kind not in self._uring_refused

@@ -26,9 +26,7 @@ memory map changes under a ring, a listener re-resolves the views.
 
 from __future__ import annotations
 
-import functools
 import logging
-import struct
 from array import array
 from collections.abc import Callable
 from operator import add, itemgetter
@@ -79,16 +77,6 @@ log = logging.getLogger(__name__)
 
 _unpack_desc = DESC.unpack_from
 _pack_used = USED_ELEM.pack_into
-
-GATHER_MAX = 64  # buffers of a chain pop_gathers() takes (a 64 KiB frame is 18)
-_IN_ORDER = tuple(range(GATHER_MAX + 1))
-
-
-@functools.lru_cache(maxsize=GATHER_MAX)
-def _indirect_fields(n: int) -> struct.Struct:
-    """n descriptors as one flat tuple: addr, len, flags, next for each."""
-    return struct.Struct("<" + "QIHH" * n)
-
 
 # Ring fields as indices into the rings' u16 views (see layout.u16_view).
 _FLAGS = RING_FLAGS // 2
@@ -432,99 +420,6 @@ class SplitQueue(IotlbStalls):
             heads = heads[:taken]
         self._next_avail = (na + taken) & 0xFFFF
         return heads, addrs, lengths
-
-    def pop_gathers(
-        self, limit: int, max_buffers: int = GATHER_MAX
-    ) -> tuple[list[int], list[list[int]], list[list[int]]]:
-        """Up to `limit` available chains that are each device-readable buffers
-        only (a TX frame: its header and fragments), as heads and, per chain,
-        the host addresses and lengths of its buffers: what a writev by
-        address takes, with no views built. A chain is direct, or one indirect
-        table whose entries follow each other in order (what Linux posts), of
-        at most `max_buffers` buffers each inside a region.
-
-        Stops before the first chain that is anything else or that any check
-        doubts, which pop_batch() then takes with every check of pop() and
-        names what is wrong with it. Empty as pop_spans() is (no host
-        addresses, a broken or stalled queue). The addresses are good until
-        the memory map next changes: write them before returning to the loop.
-        """
-        avail = self._avail
-        window = self._host_window
-        if avail is None or window is None or self.broken is not None or self.stalled is not None:
-            return [], [], []
-        na = self._next_avail
-        idx = avail[_IDX]
-        ahead = (idx - na) & 0xFFFF
-        if ahead == 0 or ahead > self.size:
-            return [], [], []  # pop_batch() re-arms kicks, or breaks the queue
-        self._shadow_avail = idx
-        size = self.size
-        table = self._desc
-        heads: list[int] = []
-        addrs_out: list[list[int]] = []
-        lengths_out: list[list[int]] = []
-        for head in self._avail_heads(na, ahead if ahead < limit else limit):
-            if head >= size:
-                break
-            addr, length, flags, nxt = _unpack_desc(table, head << 4)
-            if flags == VIRTQ_DESC_F_INDIRECT and self.indirect:
-                n = length >> 4
-                if length & 15 or not 0 < n <= max_buffers:
-                    break
-                try:
-                    raw = self._memory.read(addr, length)  # a copy: checked once, used once
-                except GuestMemoryError:
-                    break
-                flat = _indirect_fields(n).unpack(raw)
-                addrs, lengths, flags_t, nexts = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-                # Each entry NEXT to the one after it, the last one alone; all readable.
-                if flags_t[-1] != 0 or flags_t.count(VIRTQ_DESC_F_NEXT) != n - 1:
-                    break
-                if nexts[:-1] != _IN_ORDER[1:n]:
-                    break
-            elif not flags & ~VIRTQ_DESC_F_NEXT:
-                addrs, lengths = [addr], [length]
-                while flags:  # NEXT: a direct chain, followed through the table
-                    if nxt >= size or len(addrs) >= max_buffers:
-                        break
-                    addr, length, flags, nxt = _unpack_desc(table, nxt << 4)
-                    if flags & ~VIRTQ_DESC_F_NEXT:
-                        break
-                    addrs.append(addr)
-                    lengths.append(length)
-                if flags:
-                    break
-            else:
-                break
-            if 0 in lengths or sum(lengths) > MAX_CHAIN_BYTES:
-                break
-            host = self._host_addresses(window, addrs, lengths)
-            if host is None:
-                break
-            heads.append(head)
-            addrs_out.append(host)
-            lengths_out.append(list(lengths))
-        self._next_avail = (na + len(heads)) & 0xFFFF
-        return heads, addrs_out, lengths_out
-
-    @staticmethod
-    def _host_addresses(window, addrs, lengths) -> list[int] | None:
-        """This process's addresses of guest buffers, each inside one region;
-        None if any is not (pop_batch() says why)."""
-        try:
-            lo, hi, delta = window(addrs[0])
-            if lo <= min(addrs) and max(map(add, addrs, lengths)) <= hi:
-                return [a + delta for a in addrs]  # the usual case: all in one region
-            out = []
-            for a, n in zip(addrs, lengths, strict=True):
-                lo, hi, delta = window(a)
-                if a + n > hi:
-                    return None
-                out.append(a + delta)
-            return out
-        except GuestMemoryError:
-            return None
 
     def _avail_heads(self, na: int, n: int) -> list[int]:
         """The n heads in the avail ring from index `na` on, in one or two slices

@@ -26,9 +26,7 @@ import errno
 import logging
 import os
 import time
-from bisect import bisect_left
 from collections import deque
-from itertools import accumulate
 from typing import Protocol
 
 from pyvhost import hooks
@@ -89,10 +87,8 @@ class HostQueue(Protocol):
     def write_iovec(self, buffers: list) -> int: ...
 
     # Optional: `open_span_writer()` and `open_span_reader()`, io_uring rings
-    # (backends/uring.py) for batched writes and reads, or None; and
-    # `open_scatter_reader()` (backends/scatter.py), one frame read across
-    # many buffers by address. The pair closes each with the ring it served.
-    # Without them, frame by frame, through views.
+    # (backends/uring.py) for batched writes and reads, or None; the pair
+    # closes each with the ring it served. Without them, frame by frame.
 
 
 class QueuePair:
@@ -136,7 +132,6 @@ class QueuePair:
         self.rx_starved = False  # no RX buffers: the TAP is not being read
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
         self._span_writer = None  # batched TAP writes (io_uring), when the host side has them
-        self._gather_writer = None  # a frame of several buffers written by address
         self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         # A frame larger than one buffer came lately: batched reads start with
@@ -149,7 +144,6 @@ class QueuePair:
         # RX buffers, or those a batched read left out of place (_rx_spans).
         self._pending: deque[bytes] = deque()
         self._span_reader = None  # batched TAP reads (io_uring), when the host side has them
-        self._scatter_reader = None  # a large frame read across chains by address
         self._zero_hdr = bytes(spec.HDR_SIZE)
         # Observers: hooks and captures (the device switches the pair to this
         # engine while any is attached). `observed` is the one test the
@@ -293,13 +287,9 @@ class QueuePair:
         self._rx_ring = ring
         self._rx_owner = self.loop.owner
         self.rxq = ring.queue
-        # Both readers take chains as spans: a split ring's pop_spans (a packed
-        # ring reads frame by frame, through views).
-        spans = hasattr(ring.queue, "pop_spans")
         make = getattr(self.host, "open_span_reader", None)
-        self._span_reader = make() if make is not None and spans else None
-        make = getattr(self.host, "open_scatter_reader", None)
-        self._scatter_reader = make() if make is not None and spans else None
+        spans = make is not None and hasattr(ring.queue, "pop_spans")
+        self._span_reader = make() if spans else None
         self.rx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
         )
@@ -315,11 +305,9 @@ class QueuePair:
         self.txq = ring.queue
         # Batched writes take chains as spans: a split ring's pop_spans (a packed
         # ring goes frame by frame).
-        spans = hasattr(ring.queue, "pop_spans")
         make = getattr(self.host, "open_span_writer", None)
-        self._span_writer = make() if make is not None and spans else None
-        make = getattr(self.host, "open_gather_writer", None)
-        self._gather_writer = make() if make is not None and spans else None
+        spans = make is not None and hasattr(ring.queue, "pop_spans")
+        self._span_writer = make() if spans else None
         self.tx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.tx_window_ns, lambda sent: count_signal(c, sent)
         )
@@ -336,9 +324,6 @@ class QueuePair:
             if self._span_reader is not None:
                 self._span_reader.close()
                 self._span_reader = None
-            if self._scatter_reader is not None:
-                self._scatter_reader.close()
-                self._scatter_reader = None
         else:
             if self.tx_notifier is not None:
                 self.tx_notifier.cancel()
@@ -348,9 +333,6 @@ class QueuePair:
             if self._span_writer is not None:
                 self._span_writer.close()
                 self._span_writer = None
-            if self._gather_writer is not None:
-                self._gather_writer.close()
-                self._gather_writer = None
             if self._tx_blocked:
                 self._tx_blocked = False
                 self.loop.remove_writer(self.host.fileno())
@@ -430,9 +412,7 @@ class QueuePair:
         # Batched writes: chains of one buffer (a small frame, header in front)
         # go to the TAP in one system call per batch, written from guest memory
         # by address. Anything else, and observed frames, take the path below.
-        plain = self.tx_enabled and not self.observed and not strip
-        spans = self._span_writer if plain else None
-        gathers = self._gather_writer if plain else None
+        spans = self._span_writer if self.tx_enabled and not self.observed and not strip else None
         while consumed < TX_BUDGET:
             if spans is not None:
                 heads, addrs, lengths = q.pop_spans(min(BUDGET, TX_BUDGET - consumed))
@@ -453,42 +433,6 @@ class QueuePair:
                                 errors += 1  # EINVAL: a runt or a malformed GSO header
                     consumed += n
                     q.push_used_read(heads)
-                    continue
-            if gathers is not None:
-                # Frames of several buffers (a GSO frame's fragments, or any
-                # frame where io_uring is not used): a writev by address each.
-                heads, addrs, lengths = q.pop_gathers(min(BUDGET, TX_BUDGET - consumed))
-                if heads:
-                    sent = 0
-                    for buf_addrs, buf_lengths in zip(addrs, lengths, strict=True):
-                        length = sum(buf_lengths)
-                        if length <= hdr:
-                            errors += 1  # no frame behind the header
-                            sent += 1
-                            continue
-                        try:
-                            gathers.write(buf_addrs, buf_lengths)
-                            packets += 1
-                            sent_bytes += length - hdr
-                        except BlockingIOError:
-                            # The TAP's send buffer is full: this chain and the
-                            # rest go back, in order, until there is room.
-                            for _ in range(len(heads) - sent):
-                                q.unpop()
-                            self._tx_blocked = True
-                            self.loop.add_writer(self.host.fileno(), self._on_tap_writable)
-                            break
-                        except OSError as e:
-                            if e.errno in (errno.EIO, errno.ENETDOWN):
-                                drops += 1  # the TAP is down
-                            else:
-                                errors += 1  # e.g. EINVAL: a malformed GSO header
-                                log.debug("tx%d: TAP refused a frame: %s", self.pair, e.strerror)
-                        sent += 1
-                    consumed += sent
-                    q.push_used_read(heads[:sent])
-                    if self._tx_blocked:
-                        break
                     continue
             chains = q.pop_batch(min(BUDGET, TX_BUDGET - consumed))
             if not chains:
@@ -602,11 +546,6 @@ class QueuePair:
             # Frames that fit one buffer (the last one did): read in batches.
             taken, stop = self._rx_spans(q, reader, 1 if self._rx_large_seen else want, done)
             span = self._rx_span if can_span else 1
-        if can_span and span > 1 and not stop and self._scatter_reader is not None:
-            # A stream of large frames: each read across its chains by address.
-            more, stop = self._rx_scatter(q, span, want, BUDGET - taken, done)
-            taken += more
-            span = self._rx_span
         while taken < BUDGET and not stop:
             size = max(span, min(want, BUDGET - taken))
             if span > 1:
@@ -689,7 +628,11 @@ class QueuePair:
                     write_at(writable, 10, used.to_bytes(2, "little"))
                     packets += 1
                     nbytes += total - hdr
-                    span = self._rx_span = max(span, used)  # see _rx_scatter
+                    # A smaller frame in a stream (a push) leaves the span as it
+                    # is: reading across more chains than a frame fills costs
+                    # nothing (the next frame starts where it ended), fewer
+                    # costs a copy into the bounce buffer and on.
+                    span = self._rx_span = max(span, used)
                     self._rx_large_seen = True
                     i += used
                     continue
@@ -799,94 +742,6 @@ class QueuePair:
                 return taken, True
             return taken, False
         return taken, False
-
-    def _rx_scatter(
-        self, q: SplitQueue, span: int, want: int, budget: int, done: list
-    ) -> tuple[int, bool]:
-        """Large frames (a GSO stream into mergeable buffers), each read by one
-        readv across up to `span` one-buffer chains taken by address, `want`
-        frames' worth at a time (doubling while the TAP keeps up). Returns
-        (frames, stop) like _rx_spans; `_rx_span` follows what frames need."""
-        c = self.rx_counters
-        hdr = self.hdr_size
-        read = self._scatter_reader.read
-        taken = packets = nbytes = 0
-        stop = False
-        while taken < budget and not stop:
-            # Chains for `want` frames, whole spans: taking more than the TAP
-            # holds costs a pop and an unpop each.
-            size = max(span, min(want * span, BUDGET - BUDGET % span))
-            heads, addrs, lengths = q.pop_spans(size, writable=True)
-            n = len(heads)
-            if not n:
-                break  # not one-buffer chains, or none: the general path decides
-            i = 0
-            while i < n:
-                k = min(span, n - i)
-                if k < span and i > 0:
-                    break  # too few left for a whole span: they start the next batch
-                if lengths[i] < hdr:
-                    c.errors += 1  # a buffer that cannot even hold the header
-                    done.append((heads[i], 0))
-                    i += 1
-                    continue
-                try:
-                    got = read(addrs[i : i + k], lengths[i : i + k])
-                except BlockingIOError:
-                    stop = True  # the TAP is empty
-                    break
-                except OSError as e:
-                    c.errors += 1
-                    log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
-                    stop = True
-                    break
-                if got < hdr:
-                    c.errors += 1  # not even a header: the TAP never gives that
-                    stop = True
-                    break
-                room = sum(lengths[i : i + k])
-                if got > room:
-                    # Longer than the chains taken: copied out, placed as pending.
-                    frame = b"".join(map(ctypes.string_at, addrs[i : i + k], lengths[i : i + k]))
-                    self._pending.append(frame + bytes(self._scatter_reader.overflow(got - room)))
-                    self._rx_span = span = min(BUDGET, -(-got // lengths[i]))
-                    stop = not self._place_pending_after(q, heads, i, n, done)
-                    i = n
-                    break
-                # The chains it filled: whole ones, then its last one in part.
-                ends = list(accumulate(lengths[i : i + k]))
-                used = bisect_left(ends, got) + 1
-                shares = lengths[i : i + used]
-                shares[-1] = got - (ends[used - 2] if used > 1 else 0)
-                done.extend(zip(heads[i : i + used], shares, strict=True))
-                q.memory.stamp([addrs[i]], 10, used.to_bytes(2, "little"))  # num_buffers
-                packets += 1
-                taken += 1
-                nbytes += got - hdr
-                i += used
-                # A smaller frame in a stream (a push) leaves the span: reading
-                # across more chains than a frame takes costs nothing (the next
-                # frame starts where it ended), fewer costs a copy. One chain:
-                # small frames again, for batched reads.
-                span = self._rx_span = 1 if used == 1 else max(span, used)
-                if used > 1:
-                    self._rx_large_seen = True
-                if taken >= budget:
-                    break
-            for _ in range(n - i):
-                q.unpop()  # the rest of the batch goes back to the ring
-            if span == 1:
-                break  # small frames again: batched reads take them
-            want *= 2  # the batch was used up: more may wait
-        c.packets += packets
-        c.bytes += nbytes
-        return taken, stop
-
-    def _place_pending_after(self, q: SplitQueue, heads, i: int, n: int, done) -> bool:
-        """Give back chains i.. of the batch, then place the pending frames."""
-        for _ in range(n - i):
-            q.unpop()
-        return self._place_pending(q, done)
 
     def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
         """Copy `overflow` into further chains; on success queue all completions."""
