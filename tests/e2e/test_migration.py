@@ -40,7 +40,9 @@ def migration_lab(guest_image, tmp_path):
     labs = []
 
     def make(**kwargs) -> MigrationLab:
-        lab = MigrationLab(image=guest_image, workdir=str(tmp_path), **kwargs).start()
+        workdir = tmp_path / f"lab{len(labs)}"  # a second lab's sockets beside none of the first's
+        workdir.mkdir()
+        lab = MigrationLab(image=guest_image, workdir=str(workdir), **kwargs).start()
         labs.append(lab)
         return lab
 
@@ -92,9 +94,11 @@ def test_a_guest_migrates_mid_transfer_and_the_source_lets_go(migration_lab, tmp
     path.write_bytes(data)
     # Once more with fresh QEMUs only when QEMU corrupted the guest itself:
     # any other failure, and a second corruption, fail the test.
+    lab = migration_lab()
     try:
-        migrate_mid_transfer(migration_lab(), str(path), data)
+        migrate_mid_transfer(lab, str(path), data)
     except QemuLostGuestPages as e:
+        lab.close()  # the first pair goes before the second starts
         warnings.warn(f"{e}; once more with a fresh pair of QEMUs", stacklevel=1)
         migrate_mid_transfer(migration_lab(), str(path), data)
 
@@ -131,7 +135,6 @@ def migrate_mid_transfer(lab: MigrationLab, path: str, data: bytes) -> None:
             check_the_transfer_ends_intact(lab.destination.guest, data)
         except GuestError as e:
             if differences and "Kernel panic" in str(e):
-                lab.close()
                 raise QemuLostGuestPages(
                     f"the guest panicked after QEMU lost {len(differences)} of its pages"
                 ) from e
