@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from pyvhost.guest.image import GuestImage, ensure_image
 from pyvhost.guest.msix import msix_works
-from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
+from pyvhost.guest.qemu import Guest, GuestError, NicOptions, VmOptions
 from pyvhost.testing.netns import NetNamespace
 from pyvhost.testing.processes import PyvhostProcess, end_all, wait_for
 
@@ -69,6 +69,8 @@ class Lab:
         self.ifname = f"pv{uuid.uuid4().hex[:8]}"
         self.netns: NetNamespace | None = None
         self.pyvhost: PyvhostProcess | None = None
+        self.pyvhost_log: str | None = None
+        self._pyvhost_starts = 0
         self.guest: Guest | None = None
         self._servers: list[subprocess.Popen] = []
 
@@ -91,8 +93,14 @@ class Lab:
     def start_pyvhost(self) -> None:
         self.progress(f"starting pyvhost net on TAP {self.ifname} ({self.queues} queue pairs)")
         args = ["net", "--socket", self.socket, "--netdev",
-                f"tap,ifname={self.ifname},queues={self.queues}", *self.pyvhost_args]  # fmt: skip
-        self.pyvhost = PyvhostProcess(args, self.socket)
+                f"tap,ifname={self.ifname},queues={self.queues}", "--log-level", "info",
+                *self.pyvhost_args]  # fmt: skip
+        # Its log goes to a file, one per start: a pipe read only at the end
+        # would block a pyvhost that logs much, and the file says what it was
+        # doing when a guest does not boot (boot()).
+        self._pyvhost_starts += 1
+        self.pyvhost_log = os.path.join(self.workdir, f"pyvhost.{self._pyvhost_starts}.log")
+        self.pyvhost = PyvhostProcess(args, self.socket, stderr_path=self.pyvhost_log)
         if self.pyvhost_taskset:
             subprocess.run(["taskset", "-a", "-p", "-c", self.pyvhost_taskset,
                             str(self.pyvhost.pid)], capture_output=True, check=True)  # fmt: skip
@@ -126,8 +134,26 @@ class Lab:
                          ip=f"{GUEST_IP}/{PREFIX}", extra_append=extra_append,
                          taskset=self.qemu_taskset, extra_args=self.qemu_args)  # fmt: skip
         self.guest = Guest(opts, log_path or os.path.join(self.workdir, "guest.log"))
-        self.guest.wait_ready()
+        try:
+            self.guest.wait_ready()
+        except GuestError as e:
+            raise GuestError(f"{e}\n{self.why_not_booted()}") from None
         return self.guest
+
+    def why_not_booted(self) -> str:
+        """What QEMU's threads wait in and the tail of pyvhost's log: a guest
+        that prints nothing may be held by QEMU waiting on its back-end."""
+        lines = []
+        if self.guest is not None:
+            lines.append(f"QEMU (pid {self.guest.pid}) threads: {thread_states(self.guest.pid)}")
+        if self.pyvhost is not None:
+            alive = self.pyvhost.proc.poll() is None
+            lines.append(f"pyvhost (pid {self.pyvhost.pid}) "
+                         f"{'running' if alive else f'exited {self.pyvhost.proc.returncode}'}, "
+                         f"threads: {thread_states(self.pyvhost.pid)}")  # fmt: skip
+            lines.append(f"pyvhost's log ({self.pyvhost_log}), its end:")
+            lines.append(tail_of(self.pyvhost_log, 40))
+        return "\n".join(lines)
 
     def stats(self) -> dict:
         from pyvhost.stats import fetch
@@ -180,6 +206,37 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def thread_states(pid: int) -> str:
+    """Each thread of a process as name:state:wait channel (from /proc)."""
+    out = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError:
+        return "gone"
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip() or "-"
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2]
+        out.append(f"{name}:{state}:{wchan}")
+    return " ".join(out)
+
+
+def tail_of(path: str | None, lines: int) -> str:
+    if path is None:
+        return "(none)"
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]) or "(empty)"
+    except OSError as e:
+        return f"(unreadable: {e.strerror})"
 
 
 def _listening_tcp(netns: NetNamespace) -> str:

@@ -25,7 +25,17 @@ from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.guest.qmp import Qmp
 from pyvhost.testing.netns import NetNamespace
 from pyvhost.testing.processes import PyvhostProcess, wait_for
-from pyvhost.virtq.layout import DESC, VIRTQ_DESC_F_WRITE, desc_table_size, used_ring_size
+from pyvhost.virtq.layout import (
+    DESC,
+    RING_ENTRIES,
+    RING_IDX,
+    USED_ELEM,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
 
 GUEST_MAC = "52:54:00:12:34:56"
 
@@ -102,6 +112,62 @@ class PageDifference:
         return False
 
 
+@dataclass
+class DeviceRanges:
+    ranges: list[tuple[int, int]]  # (guest address, size) the device wrote
+    posted: int  # RX buffers posted and not taken: none of the device's writing
+
+
+@dataclass
+class RxRings:
+    """An RX queue's rings as they lie in a stopped guest's RAM, with the index
+    the device goes on from (its GET_VRING_BASE)."""
+
+    desc: bytes
+    avail: bytes
+    used: bytes
+    last_avail: int
+
+    @property
+    def num(self) -> int:
+        return len(self.desc) // DESC.size
+
+    def posted(self) -> set[int]:
+        """Heads the guest posted that the device has not taken yet."""
+        idx = int.from_bytes(self.avail[RING_IDX : RING_IDX + 2], "little")
+        ahead = min((idx - self.last_avail) & 0xFFFF, self.num)
+        return {int.from_bytes(self.avail[RING_ENTRIES + 2 * (i % self.num) :][:2], "little")
+                for i in range(self.last_avail, self.last_avail + ahead)}  # fmt: skip
+
+    def written(self) -> list[tuple[int, int]]:
+        """(guest address, size) of each buffer the device returned that the
+        guest has not posted again: the first `len` bytes its latest used
+        element names, along its chain of device-writable descriptors. A
+        reposted head's table entry names a new buffer, not yet written; a
+        returned one's still names what the device wrote."""
+        num = self.num
+        idx = int.from_bytes(self.used[RING_IDX : RING_IDX + 2], "little")
+        latest: dict[int, int] = {}
+        for i in range(idx - min(idx, num), idx):  # oldest first: the latest stays
+            head, written = USED_ELEM.unpack_from(self.used, RING_ENTRIES + 8 * (i % num))
+            latest[head] = written
+        posted = self.posted()
+        ranges: list[tuple[int, int]] = []
+        for head, left in latest.items():
+            if head in posted or head >= num:
+                continue
+            at = head
+            for _ in range(num):  # a loop in the table ends here, not hangs
+                addr, length, flags, nxt = DESC.unpack_from(self.desc, DESC.size * at)
+                if flags & VIRTQ_DESC_F_WRITE and left > 0:
+                    ranges.append((addr, min(length, left)))
+                    left -= length
+                if not flags & VIRTQ_DESC_F_NEXT or nxt >= num or left <= 0:
+                    break
+                at = nxt
+        return ranges
+
+
 class Side:
     """One hypervisor host: a pyvhost on its TAP, and a QEMU."""
 
@@ -156,7 +222,8 @@ class MigrationLab:
                 self.progress(f"starting pyvhost {side.name} on TAP {side.ifname}")
                 side.pyvhost = PyvhostProcess(
                     ["net", "--socket", side.socket, "--netdev", f"tap,ifname={side.ifname}",
-                     *self.pyvhost_args], side.socket)  # fmt: skip
+                     *self.pyvhost_args], side.socket,
+                    stderr_path=os.path.join(self.workdir, f"pyvhost-{side.name}.log"))  # fmt: skip
                 ns.adopt(side.ifname, ipv6=False)
                 ns.ip("link", "set", "dev", side.ifname, "master", self.bridge)
                 # Once settled: moving the TAP makes the link watcher reopen its socket.
@@ -232,15 +299,22 @@ class MigrationLab:
                                if ca[p : p + PAGE] != cb[p : p + PAGE]]  # fmt: skip
         return differ
 
-    def device_ranges(self) -> list[tuple[int, int]]:
-        """(guest address, size) of what the source's NIC back-end writes, as
-        the source QEMU knows it (x-query-virtio-queue-status): each used ring,
-        and each buffer the RX descriptor tables name (device-writable ones:
-        those posted, and those returned that the guest has not reused yet)."""
+    def device_ranges(self) -> DeviceRanges:
+        """What the source's NIC back-end wrote, as the source QEMU's rings say
+        once it stopped (x-query-virtio-queue-status, and the rings in RAM):
+        each used ring, and each RX buffer the device returned that the guest
+        has not posted again (rx_buffers_written)."""
         qmp = self.source.qmp
         pid = self.source.guest.pid
         ram, ram_size = _guest_ram(pid)
-        ranges: list[tuple[int, int]] = []
+        found = DeviceRanges([], 0)
+
+        def read(what: str, addr: int, size: int) -> bytes:
+            if not 0 <= addr <= ram_size - size:
+                raise RuntimeError(f"{what} lies outside RAM")
+            mem.seek(ram + addr)
+            return mem.read(size)
+
         with open(f"/proc/{pid}/mem", "rb", 0) as mem:
             for dev in qmp.execute("x-query-virtio"):
                 if dev.get("name") != "virtio-net":
@@ -252,17 +326,19 @@ class MigrationLab:
                     num = q["vring-num"]
                     if not q.get("vring-used") or not num:
                         continue
-                    ranges.append((q["vring-used"], used_ring_size(num)))
+                    found.ranges.append((q["vring-used"], used_ring_size(num)))
                     if queue % 2 or (nvqs % 2 and queue == nvqs - 1):
                         continue  # TX (and the control queue): the device only reads
-                    table_size = desc_table_size(num)
-                    if not 0 <= q["vring-desc"] <= ram_size - table_size:
-                        raise RuntimeError(f"RX queue {queue}'s descriptors lie outside RAM")
-                    mem.seek(ram + q["vring-desc"])
-                    for addr, length, flags, _ in DESC.iter_unpack(mem.read(table_size)):
-                        if flags & VIRTQ_DESC_F_WRITE and length:
-                            ranges.append((addr, length))
-        return ranges
+                    name = f"RX queue {queue}'s"
+                    rings = RxRings(
+                        read(f"{name} descriptors", q["vring-desc"], desc_table_size(num)),
+                        read(f"{name} avail ring", q["vring-avail"], avail_ring_size(num)),
+                        read(f"{name} used ring", q["vring-used"], used_ring_size(num)),
+                        q["last-avail-idx"],
+                    )
+                    found.ranges += rings.written()
+                    found.posted += len(rings.posted())
+        return found
 
     def file_server(self, path: str, port: int, bytes_per_second: float) -> None:
         """Serve `path` once over HTTP from the host side, at a set rate."""
