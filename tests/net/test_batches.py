@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 
 import pytest
 
@@ -26,6 +27,37 @@ SIZE = 64
 HDR = 12
 
 
+class Waiting(list):
+    """The frames a scripted host holds for reading. Its fd reads readable
+    while any wait, as a TAP's does: the datapath polls it before it takes
+    more RX buffers."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def _sync(self) -> None:
+        readable = bool(select.select([self._fd], [], [], 0)[0])
+        if self and not readable:
+            os.eventfd_write(self._fd, 1)
+        elif not self and readable:
+            os.eventfd_read(self._fd)
+
+    def append(self, frame: bytes) -> None:
+        super().append(frame)
+        self._sync()
+
+    def __iadd__(self, frames):
+        super().__iadd__(frames)
+        self._sync()
+        return self
+
+    def pop(self, index: int = -1) -> bytes:
+        frame = super().pop(index)
+        self._sync()
+        return frame
+
+
 class ScriptedHost:
     """Takes `room` frames, then says its send buffer is full."""
 
@@ -34,10 +66,11 @@ class ScriptedHost:
     def __init__(self, room: int) -> None:
         self.room = room
         self.frames: list[bytes] = []
-        self.incoming: list[bytes] = []  # frames to be read, with their vnet header
-        self.reads: list[int] = []  # how many buffers each read was offered
-        self.reader: ScriptedReader | None = None
         self._fd = os.eventfd(0)
+        self.incoming = Waiting(self._fd)  # frames to be read, with their vnet header
+        self.reads: list[int] = []  # how many buffers each read was offered
+        self.tries = 0  # reads, those that found no frame too
+        self.reader: ScriptedReader | None = None
 
     def fileno(self) -> int:
         return self._fd
@@ -46,6 +79,7 @@ class ScriptedHost:
         return False
 
     def read_iovec(self, buffers: list) -> int:
+        self.tries += 1
         if not self.incoming:
             raise BlockingIOError
         self.reads.append(len(buffers))
@@ -415,6 +449,21 @@ def test_a_stream_of_large_frames_is_read_one_read_a_frame_in_place(rx):
     got = frames_back(ram, driver, used, addrs)
     assert [g[HDR:] for g in got] == [f[HDR:] for f in frames]
     assert pair.rxq.next_avail == 16 and pair.rx_counters.packets == 6
+
+
+def test_no_buffers_are_taken_for_a_further_read_once_the_host_side_is_empty(rx):
+    ram, driver, pair, host = rx
+    post_at(ram, driver, 40, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # three buffers a frame from now on
+    driver.used()
+    tries = host.tries
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()
+    # The frame's read, and none into a further span taken to find the TAP empty.
+    assert host.tries - tries == 1
+    assert [n for _, n in driver.used()] == [4096, 4096, 1820]
+    assert pair.rxq.next_avail == 6
 
 
 def test_a_frame_longer_than_the_stream_s_span_is_placed_whole_and_in_order(rx):

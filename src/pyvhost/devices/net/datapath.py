@@ -25,6 +25,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import time
 from collections import deque
 from typing import Protocol
@@ -121,6 +122,12 @@ class QueuePair:
         self._tx_polling = False
         self._tx_resume_pending = False  # a budget-limited drain is to continue
         self._push = host.fileno() is None  # the host side pushes frames (a switch port)
+        # Asked before taking a further batch of RX buffers in one event: taking
+        # and giving back a span of buffers costs far more than this poll.
+        self._readable = None
+        if not self._push:
+            self._readable = select.poll()
+            self._readable.register(host.fileno(), select.POLLIN)
         self._wake_pending = False
         self._rx_owner: object = None  # the session serving the RX ring
         self._tx_bytes_since_rx_signal = 0
@@ -547,6 +554,8 @@ class QueuePair:
             taken, stop = self._rx_spans(q, reader, 1 if self._rx_large_seen else want, done)
             span = self._rx_span if can_span else 1
         while taken < BUDGET and not stop:
+            if taken and not self._frames_wait():
+                break  # a frame came; no other waits: no buffers to take and give back
             size = max(span, min(want, BUDGET - taken))
             if span > 1:
                 size -= size % span  # whole spans: a span cut at the batch's end is given back
@@ -678,6 +687,13 @@ class QueuePair:
         self._flush_rx(q, done)
         if self._push:
             self._wake()  # frames may still wait (the budget ran out)
+
+    def _frames_wait(self) -> bool:
+        """Whether the host side has a frame to read now (a zero-timeout poll
+        of the TAP's fd, or a pushing host side's own answer)."""
+        if self._readable is None:
+            return self.host.has_frames()
+        return bool(self._readable.poll(0))
 
     def _rx_spans(self, q: SplitQueue, reader, want: int, done: list) -> tuple[int, bool]:
         """Batched reads: a frame into each of a batch of one-buffer RX chains, one
