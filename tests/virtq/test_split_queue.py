@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pyvhost.errors import QueueConfigError
+from pyvhost.errors import DescriptorIndexError, QueueConfigError
 from pyvhost.memory import GuestAddress, GuestMemory, RegionSpec
 from pyvhost.testing import GuestRam, memfd, queue_pair
 from pyvhost.virtq import DriverQueue, SplitQueue, ring_footprint
@@ -69,6 +69,28 @@ def test_a_used_batch_is_published_with_one_index_update(ram):
     device.push_used_batch([(c.head, i) for i, c in enumerate(chains)])
     assert driver.used_idx == 5
     assert driver.used() == [(c.head, i) for i, c in enumerate(chains)]
+
+
+def test_a_large_used_batch_that_runs_past_the_ring_end_wraps_to_its_start(ram):
+    # More than a few elements go in as strided stores: twelve, then twelve
+    # more in slots 12..15 and 0..7.
+    driver, device = queue_pair(ram, 16)
+    buf = ram.alloc(8)
+    for n in range(2):
+        for _ in range(12):
+            driver.add(writable=[(buf, 8)])
+        driver.kick()
+        chains = device.pop_batch(12)
+        device.push_used_batch([(c.head, 100 + i) for i, c in enumerate(chains)])
+        assert driver.used() == [(c.head, 100 + i) for i, c in enumerate(chains)], n
+    assert driver.used_idx == 24
+
+
+def test_a_used_head_past_the_table_is_refused_in_a_large_batch_too(ram):
+    driver, device = queue_pair(ram, 16)
+    with pytest.raises(DescriptorIndexError):
+        device.push_used_batch([(i, 0) for i in range(11)] + [(16, 0)])
+    assert driver.used_idx == 0  # nothing published
 
 
 def test_the_ring_wraps_past_65535(ram):

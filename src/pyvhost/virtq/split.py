@@ -77,6 +77,10 @@ log = logging.getLogger(__name__)
 
 _unpack_desc = DESC.unpack_from
 _pack_used = USED_ELEM.pack_into
+# Up to this many used elements at once are packed one by one (0.25 us each
+# here); more go in as strided stores, whose fixed cost (two arrays, two
+# slice assignments, about 3 us) is that of some ten packs.
+_FEW_USED = 8
 
 # Ring fields as indices into the rings' u16 views (see layout.u16_view).
 _FLAGS = RING_FLAGS // 2
@@ -547,9 +551,9 @@ class SplitQueue(IotlbStalls):
         nu = self._next_used
         logging_ = self._memory.log is not None
         n = len(completions)
-        if not logging_ and n <= size:
-            # The common case: strided stores (two, or four at the ring's end),
-            # not one pack per element.
+        if not logging_ and _FEW_USED < n <= size:
+            # Many at once: strided stores (two, or four at the ring's end),
+            # not one pack per element. A few cost less packed one by one.
             heads, written = zip(*completions, strict=True)
             if max(heads) < size and min(heads) >= 0:
                 self._store_used(nu & mask, array("I", heads), array("I", written))
