@@ -139,6 +139,7 @@ class QueuePair:
         self.rx_starved = False  # no RX buffers: the TAP is not being read
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
         self._span_writer = None  # batched TAP writes (io_uring), when the host side has them
+        self._tx_not_spans = False  # the last TX batch ended with a frame of several buffers
         self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         # A frame larger than one buffer came lately: batched reads start with
@@ -421,7 +422,7 @@ class QueuePair:
         # by address. Anything else, and observed frames, take the path below.
         spans = self._span_writer if self.tx_enabled and not self.observed and not strip else None
         while consumed < TX_BUDGET:
-            if spans is not None:
+            if spans is not None and not self._tx_not_spans:
                 heads, addrs, lengths = q.pop_spans(min(BUDGET, TX_BUDGET - consumed))
                 if heads:
                     results = spans.write_spans(addrs, lengths)
@@ -447,6 +448,10 @@ class QueuePair:
                     q.disable_notification()
                     continue
                 break
+            # A stream of frames of several buffers (TSO, indirect tables) is no
+            # span: pop_spans is not asked again until a batch ends with a
+            # frame of one buffer.
+            self._tx_not_spans = len(chains[-1].readable) != 1
             done = []
             completed = done.append
             if not self.tx_enabled:
