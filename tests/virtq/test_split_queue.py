@@ -406,6 +406,47 @@ def test_spans_are_one_readable_buffer_each_given_by_host_address(ram):
     assert device.next_avail == 3
 
 
+@pytest.mark.parametrize("order", ["table order", "shuffled"])
+def test_spans_give_each_head_its_own_buffer_in_avail_order(ram, order):
+    # Heads in table order are read with strided slices of the table; any
+    # other order with one lookup per field: the same spans either way.
+    driver, device = queue_pair(ram, 16)
+    bufs = [ram.alloc(64) for _ in range(12)]
+    for i, b in enumerate(bufs):
+        ram.memory.write(b, bytes([i + 1]) * 64)
+    heads = [driver.add(readable=[(b, 20 + i)]) for i, b in enumerate(bufs)]
+    assert heads == list(range(12))
+    if order == "shuffled":
+        heads = [5, 0, 11, 3, 1, 2, 4, 10, 6, 7, 9, 8]
+        for slot, head in enumerate(heads):
+            driver.write_avail_slot(slot, head)
+    driver.publish()
+    got_heads, addrs, lengths = device.pop_spans(16)
+    assert got_heads == heads
+    assert lengths == [20 + h for h in heads]
+    assert [ctypes.string_at(a, n) for a, n in zip(addrs, lengths, strict=True)] == [
+        bytes([h + 1]) * (20 + h) for h in heads
+    ]
+
+
+def test_spans_in_table_order_stop_before_an_empty_buffer(ram):
+    driver, device = queue_pair(ram, 16)
+    heads = [driver.add(readable=[(ram.alloc(32), 32)]) for _ in range(5)]
+    assert heads == [0, 1, 2, 3, 4]
+    driver.write_desc(2, ram.alloc(32), 0, 0, 0)  # no bytes: no span (pop_batch says why)
+    driver.publish()
+    assert device.pop_spans(16)[0] == [0, 1]
+    assert device.next_avail == 2
+
+
+def test_a_limit_of_no_spans_takes_none(ram):
+    driver, device = queue_pair(ram, 8)
+    driver.add(readable=[(ram.alloc(32), 32)])
+    driver.publish()
+    assert device.pop_spans(0) == ([], [], [])
+    assert device.next_avail == 0
+
+
 def test_spans_stop_before_a_chain_of_two_buffers_and_pop_batch_takes_it(ram):
     driver, device = queue_pair(ram, 8)
     first = driver.add(readable=[(ram.alloc(32), 32)])

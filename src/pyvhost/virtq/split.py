@@ -371,7 +371,7 @@ class SplitQueue(IotlbStalls):
         na = self._next_avail
         idx = avail[_IDX]
         ahead = (idx - na) & 0xFFFF
-        if ahead == 0 or ahead > self.size:
+        if ahead == 0 or ahead > self.size or limit <= 0:
             return [], [], []  # pop_batch() re-arms kicks, or breaks the queue
         self._shadow_avail = idx
         n = ahead if ahead < limit else limit
@@ -384,12 +384,20 @@ class SplitQueue(IotlbStalls):
         # in the table, every descriptor is one readable buffer, and all of them
         # sit in the region of the first: what a driver posting small frames gives.
         if max(heads) < size:
-            pick = itemgetter(*[h << 1 for h in heads])
-            addrs_t = pick(self._desc64) if n > 1 else (pick(self._desc64),)
-            pick = itemgetter(*[(h << 2) + 2 for h in heads])
-            lengths_t = pick(self._desc32) if n > 1 else (pick(self._desc32),)
-            pick = itemgetter(*[(h << 3) + 6 for h in heads])
-            flags_t = pick(self._desc16) if n > 1 else (pick(self._desc16),)
+            last = head + n
+            if last <= size and heads == list(range(head, last)):
+                # Heads in table order (a driver that recycles descriptors in
+                # order): strided slices of the table, no index lists.
+                addrs_t = self._desc64[head << 1 : last << 1 : 2].tolist()
+                lengths_t = self._desc32[(head << 2) + 2 : last << 2 : 4].tolist()
+                flags_t = self._desc16[(head << 3) + 6 : last << 3 : 8].tolist()
+            else:
+                pick = itemgetter(*[h << 1 for h in heads])
+                addrs_t = pick(self._desc64) if n > 1 else (pick(self._desc64),)
+                pick = itemgetter(*[(h << 2) + 2 for h in heads])
+                lengths_t = pick(self._desc32) if n > 1 else (pick(self._desc32),)
+                pick = itemgetter(*[(h << 3) + 6 for h in heads])
+                flags_t = pick(self._desc16) if n > 1 else (pick(self._desc16),)
             if flags_t.count(want_flags) == n and 0 not in lengths_t:
                 try:
                     lo, hi, delta = window(addrs_t[0], writable)
@@ -397,7 +405,7 @@ class SplitQueue(IotlbStalls):
                     lo = hi = 0
                 if lo <= min(addrs_t) and max(map(add, addrs_t, lengths_t)) <= hi:
                     self._next_avail = (na + n) & 0xFFFF
-                    return heads, [a + delta for a in addrs_t], list(lengths_t)
+                    return heads, list(map(delta.__add__, addrs_t)), list(lengths_t)
         # Otherwise one descriptor at a time, up to the first that is not a span.
         table = self._desc
         addrs: list[int] = []
