@@ -150,7 +150,8 @@ def migrate_mid_transfer(lab: MigrationLab, path: str, data: bytes) -> None:
         try:
             check_the_transfer_ends_intact(lab.destination.guest, data)
         except GuestError as e:
-            if differences and "Kernel panic" in str(e):
+            console = "\n".join(lab.destination.guest.transcript)
+            if differences and "Kernel panic" in console:
                 raise QemuLostGuestPages(
                     f"the guest panicked after QEMU lost {len(differences)} of its pages"
                 ) from e

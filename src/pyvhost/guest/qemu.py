@@ -205,8 +205,16 @@ class Guest:
         line of output as it comes (progress of a long command)."""
         if "\n" in command:
             raise ValueError("one line per command")
-        self.proc.stdin.write(command.encode() + b"\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(command.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            # QEMU is gone (a guest that panicked and did not reboot, say): say
+            # so with its last words, once the reader has them all.
+            self._reader.join(5)
+            raise GuestError(
+                f"QEMU exited ({self.proc.poll()}) before {command!r} could be sent:\n{self.tail()}"
+            ) from None
         deadline = time.monotonic() + timeout
         out: list[str] = []
         while True:
