@@ -99,11 +99,16 @@ def pyvhost_kinds() -> list[str]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
+def user_system(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, or of one of its threads."""
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    return sum(user_system(pid, tid))
 
 
 def pin(pid: int, cores: str) -> None:

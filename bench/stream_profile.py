@@ -53,19 +53,12 @@ def py_spy() -> str | None:
     return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
-def user_system(pid: int, tid: int | None) -> tuple[float, float]:
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / side_by_side.CLK_TCK, int(fields[12]) / side_by_side.CLK_TCK
-
-
 def stream(setup, to_guest: bool, seconds: int) -> tuple[float, float, float, float]:
     """(Gbit/s, GB, user s, system s) of one iperf3 run."""
-    u0, s0 = user_system(setup.backend_pid, setup.backend_tid)
+    u0, s0 = side_by_side.user_system(setup.backend_pid, setup.backend_tid)
     _, out = setup.guest.run(f"iperf3 -c {HOST_IP} -t {seconds} -J {'-R' if to_guest else ''}",
                              timeout=seconds + 60)  # fmt: skip
-    u1, s1 = user_system(setup.backend_pid, setup.backend_tid)
+    u1, s1 = side_by_side.user_system(setup.backend_pid, setup.backend_tid)
     end = json.loads(out[out.index("{") :])["end"]["sum_received"]
     return end["bits_per_second"] / 1e9, end["bytes"] / 1e9, u1 - u0, s1 - s0
 

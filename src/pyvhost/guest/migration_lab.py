@@ -303,7 +303,7 @@ class MigrationLab:
         """What the source's NIC back-end wrote, as the source QEMU's rings say
         once it stopped (x-query-virtio-queue-status, and the rings in RAM):
         each used ring, and each RX buffer the device returned that the guest
-        has not posted again (rx_buffers_written)."""
+        has not posted again (RxRings.written)."""
         qmp = self.source.qmp
         pid = self.source.guest.pid
         ram, ram_size = _guest_ram(pid)
