@@ -46,6 +46,7 @@ class NetCommands:
             "features": f"0x{d.acked_features:x}",
             "iotlb": self.iotlb(),
             "datapaths": d.datapaths(),
+            "host_io": d.host_io(),
             "hooks": {p.port_name: [h.spec for h in p.hooks] for p in d.pairs if p.hooks},
             "queues": {name: c.as_dict() for name, c in d.counters().items()},
         }

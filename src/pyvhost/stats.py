@@ -35,7 +35,11 @@ def format_table(snapshot: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
     lines = [f"{snapshot.get('device', '')} on {snapshot.get('interface', '')}"]
     if snapshot.get("datapaths"):
-        kinds = ", ".join(f"pair {i} {k}" for i, k in enumerate(snapshot["datapaths"]))
+        io = snapshot.get("host_io") or [{}] * len(snapshot["datapaths"])
+        kinds = ", ".join(
+            f"pair {i} {k}" + _io_note(how)
+            for i, (k, how) in enumerate(zip(snapshot["datapaths"], io, strict=False))
+        )
         lines.append(f"datapaths: {kinds}")
     for r in rows:
         lines.append(
@@ -45,3 +49,11 @@ def format_table(snapshot: dict) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _io_note(how: dict[str, str]) -> str:
+    """The note after a pair's datapath, e.g. ' (rx io_uring, tx writev)':
+    whether its started rings batch their TAP I/O (a failed batch falls back
+    to frame by frame, so the flag alone does not say)."""
+    started = [f"{ring} {how[ring]}" for ring in ("rx", "tx") if ring in how]
+    return f" ({', '.join(started)})" if started else ""

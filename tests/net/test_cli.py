@@ -18,6 +18,7 @@ from pyvhost.backends.tap import Tap
 from pyvhost.backends.tap_options import parse_netdev
 from pyvhost.errors import OptionError
 from pyvhost.frontend.net import NetFrontend
+from pyvhost.stats import format_table
 from pyvhost.testing.netns import link_exists
 
 from .conftest import GUEST_MAC, HOST_MAC, frame, io_uring_disabled, recv_ours
@@ -233,6 +234,23 @@ def test_stats_command_prints_the_table_and_json(net_daemon):
     import json
 
     assert json.loads(r.stdout)["interface"] == d.ifname
+
+
+def test_the_stats_table_says_which_datapath_and_tap_io_each_pair_uses():
+    counters = dict.fromkeys(
+        ["packets", "bytes", "drops", "errors", "notifications_sent", "notifications_suppressed"], 0
+    )
+    snapshot = {
+        "device": "virtio-net",
+        "interface": "pv0",
+        "datapaths": ["python", "worker", "kernel"],
+        "host_io": [{"rx": "io_uring", "tx": "writev"}, {}, {"rx": "kernel", "tx": "kernel"}],
+        "queues": {"rx0": counters, "tx0": counters},
+    }
+    assert format_table(snapshot).splitlines()[1] == (
+        "datapaths: pair 0 python (rx io_uring, tx writev), pair 1 worker, "
+        "pair 2 kernel (rx kernel, tx kernel)"
+    )
 
 
 def test_stats_command_without_a_daemon_says_what_to_check(tmp_path):

@@ -45,6 +45,7 @@ def test_frames_cross_both_ways_with_no_python_per_packet(net_daemon, netns):
     assert fetch(d.sock + ".stats")["datapaths"] == ["kernel"]
     with NetFrontend.connect(d.sock) as fe:
         fe.post_rx()
+        assert fetch(d.sock + ".stats")["host_io"] == [{"rx": "kernel", "tx": "kernel"}]
         cpu0 = cpu_seconds(d.proc.pid)
         sent = numbered(2000)
         for i, f in enumerate(sent):

@@ -33,6 +33,7 @@ from tests.net.test_datapath import (  # noqa: F401 - run again here, with worke
     test_every_queue_pair_carries_traffic,
     test_frames_from_the_guest_reach_the_tap_byte_for_byte,
     test_frames_from_the_host_reach_the_guest_byte_for_byte,
+    test_stats_say_how_each_started_ring_reads_and_writes_the_tap,
     test_with_no_rx_buffers_frames_wait_in_the_tap_and_none_is_dropped,
     test_without_vnet_hdr_no_offload_is_offered_and_headers_are_added_and_removed,
 )

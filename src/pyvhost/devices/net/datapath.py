@@ -213,6 +213,14 @@ class QueuePair:
             self.process_tap_rx_event()
         return bool(self._pending)
 
+    def host_io(self) -> dict[str, str]:
+        out = {}
+        if self._rx_ring is not None:
+            out["rx"] = "switch" if self._push else "io_uring" if self._span_reader else "readv"
+        if self._tx_ring is not None:
+            out["tx"] = "switch" if self._push else "io_uring" if self._span_writer else "writev"
+        return out
+
     def close(self) -> None:
         for rx in (True, False):
             if (self._rx_ring if rx else self._tx_ring) is not None:

@@ -482,6 +482,10 @@ class VirtioNet(VirtioDevice):
         """Which datapath serves each pair now."""
         return [e.kind for e in self.engines]
 
+    def host_io(self) -> list[dict[str, str]]:
+        """How each pair's started rings cross to the host side now (PairEngine.host_io)."""
+        return [e.host_io() for e in self.engines]
+
     # --- observers: hooks and captures, which only the Python datapath runs -----------
 
     def set_hooks(self, pair: int, hooks: list) -> None:

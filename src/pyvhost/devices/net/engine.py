@@ -42,3 +42,7 @@ class PairEngine(Protocol):
 
     def holds_frames(self) -> bool:
         """Would stopping RX now drop a frame already taken from the host side?"""
+
+    def host_io(self) -> dict[str, str]:
+        """How each started ring's frames cross to the host side now, by "rx" and
+        "tx": "readv"/"writev" frame by frame, "io_uring" in batches, "kernel"."""

@@ -116,6 +116,9 @@ class KernelPair:
     def holds_frames(self) -> bool:
         return False  # the kernel completes everything it took when its backend goes
 
+    def host_io(self) -> dict[str, str]:
+        return {_name(rx): "kernel" for rx in sorted(self._configs, reverse=True)}
+
     def close(self) -> None:
         for rx in list(self._configs):
             self.stop_ring(rx)

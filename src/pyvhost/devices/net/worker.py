@@ -118,6 +118,14 @@ class WorkerPair:
     def holds_frames(self) -> bool:
         return self._sock is not None and bool(self._request("holds"))
 
+    def host_io(self) -> dict[str, str]:
+        if self._sock is not None:
+            try:
+                return self._request("host_io")
+            except WorkerError as e:
+                log.warning("pair %d: no host I/O report from the worker: %s", self.pair, e)
+        return {}
+
     # --- counters ----------------------------------------------------------------------
 
     def counters(self) -> tuple[QueueCounters, QueueCounters]:

@@ -169,6 +169,9 @@ class Worker:
     def op_counters(self, *, fds):
         return self.pair.rx_counters.as_dict(), self.pair.tx_counters.as_dict()
 
+    def op_host_io(self, *, fds):
+        return self.pair.host_io()
+
     # --- fds ---------------------------------------------------------------------------
 
     @staticmethod
