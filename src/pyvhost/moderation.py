@@ -11,9 +11,6 @@ everything completed meanwhile. A lone packet on an idle ring is never
 delayed; a busy ring is signalled at most 1/window times per second. An
 optional `may_defer()` lets the device say when a delay would hurt (a
 driver waiting for exactly this frame): then the signal goes at once.
-An optional `before_deferred()` runs when a deferred signal is due, just
-before it goes: what the device completes there shares that signal (the
-datapath reads the frames the window gathered, in one go).
 
 Deferring is safe for the ring protocol: the used entries are published at
 once (a driver that looks, e.g. when it transmits, reaps them without an
@@ -41,26 +38,18 @@ class ModeratedNotifier:
         window_ns: int,
         on_signal: Callable[[bool], None] | None = None,
         may_defer: Callable[[], bool] | None = None,
-        before_deferred: Callable[[], None] | None = None,
     ) -> None:
         self.notifier = notifier
         self.loop = loop
         self.window_ns = window_ns
         self.on_signal = on_signal
         self.may_defer = may_defer
-        self.before_deferred = before_deferred
         self._last_ns = 0  # when we last signalled
         self._timer: Timer | None = None
-        self._gathering = False  # in before_deferred: its completions share the signal
-
-    @property
-    def deferring(self) -> bool:
-        """A signal waits for the window's end."""
-        return self._timer is not None
 
     def completed(self) -> None:
         """Used entries were pushed: signal now, or at the end of the window."""
-        if self._timer is not None or self._gathering:
+        if self._timer is not None:
             return  # a deferred signal is pending: it will cover these too
         now = time.monotonic_ns()
         due = self._last_ns + self.window_ns
@@ -77,12 +66,6 @@ class ModeratedNotifier:
 
     def _deferred(self) -> None:
         self._timer = None
-        if self.before_deferred is not None:
-            self._gathering = True
-            try:
-                self.before_deferred()
-            finally:
-                self._gathering = False
         self._signal(time.monotonic_ns())
 
     def _signal(self, now: int) -> None:

@@ -78,23 +78,3 @@ def test_cancel_drops_a_pending_signal():
     time.sleep(WINDOW_NS / 1e9)
     m.loop.run_once(0)
     assert len(rec.signals) == 1
-
-
-def test_what_completes_just_before_a_deferred_signal_shares_it():
-    gathered = []
-
-    def before_deferred() -> None:
-        gathered.append(m.deferring)
-        m.completed()  # e.g. the frames the window gathered, read for this signal
-        m.completed()
-
-    m, rec = moderated(before_deferred=before_deferred)
-    m.completed()
-    m.completed()  # inside the window: deferred
-    assert m.deferring
-    m.loop.run(until=lambda: len(rec.signals) == 2, timeout=1.0)
-    assert gathered == [False]  # ran once, when the signal was due
-    assert not m.deferring
-    for _ in range(3):
-        m.loop.run_once(0)
-    assert len(rec.signals) == 2

@@ -424,33 +424,6 @@ def test_rx_is_signalled_at_once_unless_the_guest_is_streaming_out(net_daemon, n
     host.close()
 
 
-def test_while_the_guest_streams_out_frames_for_it_wait_in_the_tap_for_the_deferred_signal(
-    net_daemon, netns
-):
-    """Its RX signal waits for the window's end, so it would not look at them
-    before: they are read then, all in one go, instead of one wake-up each."""
-    d = net_daemon("tap,ifname=IFNAME", "--rx-usecs", "1000000")
-    host = netns.packet_socket(d.ifname)
-    with NetFrontend.connect(d.sock) as fe:
-        fe.post_rx()
-        host.send(host_frames(1)[0])
-        assert len(receive_ours(fe, 1)) == 1  # signalled at once: the window starts
-        big = tcp4_frame(GSO_PAYLOAD, GUEST_MAC, HOST_MAC)
-        fe.send(big, header=gso_header(fe.hdr_size))  # now the guest streams out
-        wait_for(lambda: fe.tx_done() == 1, 5, "the TSO frame")
-        host.send(host_frames(1)[0])
-        assert len(receive_ours(fe, 1)) == 1  # read at once; its signal is deferred
-        later = host_frames(3)
-        for f in later:
-            host.send(f)
-        assert fe.receive(timeout=0.3, count=3) == []  # still in the TAP
-        assert queue_stats(d, "rx0")["packets"] == 2
-        wait_for(lambda: signal_decisions(d, "rx0") == 2, 5, "the deferred RX signal")
-        assert receive_ours(fe, 3, timeout=1) == later  # read for it, in order
-        assert queue_stats(d, "rx0")["drops"] == 0
-    host.close()
-
-
 def test_the_link_going_down_and_up_is_pushed_to_the_frontend(net_daemon, netns):
     """BACKEND_REQ: a config change message on the back-end's channel each time
     the TAP's link changes (acked: REPLY_ACK is negotiated), and the config's

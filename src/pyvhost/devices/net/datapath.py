@@ -137,9 +137,6 @@ class QueuePair:
         self.hdr_size = spec.HDR_SIZE
         self.mrg_rxbuf = False
         self.rx_starved = False  # no RX buffers: the TAP is not being read
-        # Nor while the RX signal is deferred as the guest streams out: frames
-        # are read for that signal, when it is due (_flush_rx).
-        self._rx_held = False
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
         self._span_writer = None  # batched TAP writes (io_uring), when the host side has them
         self._tx_not_spans = False  # the last TX batch ended with a frame of several buffers
@@ -310,12 +307,7 @@ class QueuePair:
         spans = make is not None and hasattr(ring.queue, "pop_spans")
         self._span_reader = make() if spans else None
         self.rx_notifier = ModeratedNotifier(
-            ring.notifier,
-            self.loop,
-            self.rx_window_ns,
-            signalled,
-            self._guest_streaming,
-            self._rx_window_ends,
+            ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
         )
         ring.queue.disable_notification()  # kicks only matter when starved
         self._update_reading()
@@ -343,7 +335,6 @@ class QueuePair:
             self._rx_ring = self.rxq = self.rx_notifier = None
             self.rx_enabled = False
             self.rx_starved = False
-            self._rx_held = False
             self._pending.clear()
             self._update_reading()
             if self._span_reader is not None:
@@ -367,7 +358,7 @@ class QueuePair:
         if fd is None:
             self._wake()  # a host side that pushes frames (a switch port): nothing to poll
             return
-        if self.rxq is not None and self.rx_enabled and not self.rx_starved and not self._rx_held:
+        if self.rxq is not None and self.rx_enabled and not self.rx_starved:
             self.loop.add_reader(fd, self.process_tap_rx_event)
         else:
             self.loop.remove_reader(fd)
@@ -875,18 +866,3 @@ class QueuePair:
         if done:
             q.push_used_batch(done)
             self.rx_notifier.completed()
-            if self.rx_notifier.deferring and not self._push and not self._rx_held:
-                # The guest streams out and its RX signal waits for the window's
-                # end: it will not look at frames placed before then. Leave them
-                # in the TAP and read them all for that signal (_rx_window_ends),
-                # not one epoll wake-up, pop and read per ACK.
-                self._rx_held = True
-                self._update_reading()
-
-    def _rx_window_ends(self) -> None:
-        """The deferred RX signal is due: read what the window gathered first."""
-        if self._rx_held:
-            self._rx_held = False
-            self._update_reading()
-            if self.rxq is not None and self._frames_wait():
-                self.process_tap_rx_event()
