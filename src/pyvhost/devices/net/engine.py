@@ -45,4 +45,5 @@ class PairEngine(Protocol):
 
     def host_io(self) -> dict[str, str]:
         """How each started ring's frames cross to the host side now, by "rx" and
-        "tx": "readv"/"writev" frame by frame, "io_uring" in batches, "kernel"."""
+        "tx": "readv"/"writev" frame by frame, "io_uring" in batches, "kernel",
+        or "switch" (a port of pyvhost's switch)."""
