@@ -66,6 +66,7 @@ def test_unknown_unicast_floods_then_the_answer_is_switched(switch, vms):
     assert received(b) == [eth(B, A, b"again")] and nothing(c)
     s = stats(sw)
     assert s["a"]["rx_packets"] == 2 and s["b"]["tx_packets"] == 2 and s["c"]["tx_packets"] == 1
+    assert s["a"]["host_io"] == {"rx": "switch", "tx": "switch"}  # frames go through the fabric
 
 
 def test_access_vlans_keep_vms_apart(switch, vms):

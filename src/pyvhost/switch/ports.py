@@ -171,6 +171,7 @@ class VmPort(Port):
             "connected": self.daemon.conn is not None,
             "sessions": self.daemon.sessions,
             "backlog": len(self.side.backlog),
+            "host_io": self.device.host_io()[0],  # {"rx": "switch", ...} while a VM is served
         }
 
     def close(self) -> None:
