@@ -117,7 +117,7 @@ class KernelPair:
         return False  # the kernel completes everything it took when its backend goes
 
     def host_io(self) -> dict[str, str]:
-        return {_name(rx): "kernel" for rx in sorted(self._configs, reverse=True)}
+        return {_name(rx): "kernel" for rx in self._configs}
 
     def close(self) -> None:
         for rx in list(self._configs):
