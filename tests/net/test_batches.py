@@ -18,7 +18,7 @@ import select
 import pytest
 
 from pyvhost.device import RingConfig
-from pyvhost.devices.net.datapath import QueuePair
+from pyvhost.devices.net.datapath import SPAN_BATCH_MIN, QueuePair
 from pyvhost.eventloop import EventLoop
 from pyvhost.testing import GuestRam
 from pyvhost.virtq.driver import DriverQueue, ring_footprint
@@ -171,6 +171,10 @@ def rx(request):
         pair = QueuePair(0, host, loop)
         pair.configure(1 << 32 | 1 << 15)  # VERSION_1, MRG_RXBUF
         serve(ram, pair, driver, True, kick, call)
+        if host.reader is not None:
+            # As after a burst: batched reads are used from the next event on (a
+            # trickle of single frames is read by readv, see below).
+            pair._rx_last = SPAN_BATCH_MIN
         yield ram, driver, pair, host
         pair.close()
         host.close()
@@ -203,6 +207,42 @@ def test_a_stream_of_frames_fills_buffers_in_ring_order_across_batches(rx):
     assert [h for h, _ in used] == heads[:40]
     assert all(n == HDR + 60 for _, n in used)
     assert pair.rxq.next_avail == 40 and pair.rx_counters.packets == 40
+
+
+def test_a_trickle_of_frames_is_read_one_by_one_and_a_burst_s_next_event_in_batches(rx):
+    ram, driver, pair, host = rx
+    if host.reader is None:
+        pytest.skip("batched reads only")
+    heads = post_buffers(ram, driver, 40)
+    host.incoming.append(bytes(HDR) + b"a" * 60)
+    pair.process_tap_rx_event()  # after a burst: a batch, of which one read found a frame
+    batched = host.reader.count
+    host.incoming.append(bytes(HDR) + b"b" * 60)
+    pair.process_tap_rx_event()  # after a lone frame: a readv
+    host.incoming += [bytes(HDR) + bytes([i]) * 60 for i in range(SPAN_BATCH_MIN)]
+    pair.process_tap_rx_event()  # still by readv: the event before had one frame
+    assert host.reader.count == batched
+    host.incoming += [bytes(HDR) + bytes([i]) * 60 for i in range(SPAN_BATCH_MIN)]
+    pair.process_tap_rx_event()  # after a burst: one batch, exactly as large
+    assert host.reader.count == batched + SPAN_BATCH_MIN
+    n = 2 + 2 * SPAN_BATCH_MIN
+    assert [h for h, _ in driver.used()] == heads[:n] and pair.rx_counters.packets == n
+
+
+def test_a_batch_of_reads_that_all_found_frames_polls_before_reading_more(rx):
+    ram, driver, pair, host = rx
+    if host.reader is None:
+        pytest.skip("batched reads only")
+    post_buffers(ram, driver, 40)
+    host.incoming += [bytes(HDR) + bytes([i]) * 60 for i in range(SPAN_BATCH_MIN)]
+    pair.process_tap_rx_event()
+    # The batch took every frame; the TAP's fd then read empty, so no further
+    # batch of reads was made only to find nothing, and no buffer was taken.
+    assert host.reader.count == SPAN_BATCH_MIN
+    assert pair.rxq.next_avail == SPAN_BATCH_MIN
+    host.incoming += [bytes(HDR) + bytes([i]) * 60 for i in range(3 * SPAN_BATCH_MIN)]
+    pair.process_tap_rx_event()  # more than a batch: the poll says so, and a larger one follows
+    assert pair.rx_counters.packets == 4 * SPAN_BATCH_MIN
 
 
 def test_a_frame_too_big_for_one_buffer_merges_into_the_next_ones_in_order(rx):
@@ -339,11 +379,25 @@ def test_batched_writes_wait_out_a_stream_of_frames_of_several_buffers(tx):
     sent += [add_frame(ram, driver, [small]), add_frame(ram, driver, [small])]
     pair.process_tx_queue_event()
     assert host.writer.batches == []
-    sent += [add_frame(ram, driver, [small])]
+    sent += [add_frame(ram, driver, [small]) for _ in range(SPAN_BATCH_MIN)]
     pair.process_tx_queue_event()
-    assert host.writer.batches == [1]
+    assert host.writer.batches == [SPAN_BATCH_MIN]
     assert host.frames == sent
-    assert len(driver.used()) == 4 and pair.tx_counters.packets == 4
+    n = 3 + SPAN_BATCH_MIN
+    assert len(driver.used()) == n and pair.tx_counters.packets == n
+
+
+@pytest.mark.parametrize("tx", ["batched"], indirect=True)
+def test_batched_writes_wait_for_enough_frames_to_pay_and_fewer_go_one_by_one(tx):
+    ram, driver, pair, host = tx
+    sent = []
+    for n in range(1, SPAN_BATCH_MIN + 1):
+        sent += post(ram, driver, n)
+        pair.process_tx_queue_event()
+    # One to SPAN_BATCH_MIN - 1 frames posted went by writev; then one batch.
+    assert host.writer.batches == [SPAN_BATCH_MIN]
+    assert host.frames == sent
+    assert pair.tx_counters.packets == len(sent)
 
 
 def test_a_full_tap_gives_back_frames_of_several_buffers_in_order(tx):
@@ -411,6 +465,7 @@ def test_a_batched_read_that_finds_no_frame_before_one_that_does_loses_no_frame_
         pair = QueuePair(0, host, loop)
         pair.configure(1 << 32 | 1 << 15)
         serve(ram, pair, driver, True, kick, call)
+        pair._rx_last = SPAN_BATCH_MIN  # as after a burst: the next event reads in batches
         addrs = {}
         for _ in range(16):
             a = ram.alloc(2048)

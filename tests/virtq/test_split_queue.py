@@ -447,6 +447,17 @@ def test_a_limit_of_no_spans_takes_none(ram):
     assert device.next_avail == 0
 
 
+def test_spans_are_taken_only_when_at_least_the_asked_number_are_posted(ram):
+    driver, device = queue_pair(ram, 8)
+    heads = [driver.add(readable=[(ram.alloc(32), 32)]) for _ in range(3)]
+    driver.publish()
+    assert device.pop_spans(8, at_least=4) == ([], [], [])
+    assert device.next_avail == 0  # left for pop_batch, or a later batch
+    driver.add(readable=[(ram.alloc(32), 32)])
+    driver.publish()
+    assert device.pop_spans(8, at_least=4)[0] == heads + [3]
+
+
 def test_spans_stop_before_a_chain_of_two_buffers_and_pop_batch_takes_it(ram):
     driver, device = queue_pair(ram, 8)
     first = driver.add(readable=[(ram.alloc(32), 32)])

@@ -345,7 +345,7 @@ class SplitQueue(IotlbStalls):
         return self._memory
 
     def pop_spans(
-        self, limit: int, writable: bool = False
+        self, limit: int, writable: bool = False, at_least: int = 1
     ) -> tuple[list[int], list[int], list[int]]:
         """Up to `limit` available chains that are each one device-readable
         descriptor inside one memory region, as heads, host addresses and
@@ -360,6 +360,8 @@ class SplitQueue(IotlbStalls):
         ring is, when the memory cannot give host addresses (a vIOMMU's IOVAs),
         or when the queue is broken or stalled. The addresses are good until the
         memory map next changes: write them before returning to the loop.
+        Empty too while fewer than `at_least` chains are posted: a caller whose
+        batch only pays from some size on takes fewer one by one.
         """
         avail = self._avail
         window = self._host_window
@@ -371,8 +373,8 @@ class SplitQueue(IotlbStalls):
         na = self._next_avail
         idx = avail[_IDX]
         ahead = (idx - na) & 0xFFFF
-        if ahead == 0 or ahead > self.size or limit <= 0:
-            return [], [], []  # pop_batch() re-arms kicks, or breaks the queue
+        if ahead < at_least or ahead > self.size or limit <= 0:
+            return [], [], []  # pop_batch() takes them, re-arms kicks, or breaks the queue
         self._shadow_avail = idx
         n = ahead if ahead < limit else limit
         size = self.size

@@ -47,8 +47,12 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 65536 + 256
 # Frames handled per readiness event before the loop serves others.
 BUDGET = 64
-# The smallest batch of RX buffers taken at once; it grows while frames keep coming.
-RX_MIN_BATCH = 4
+# Batched TAP I/O (io_uring) pays from a few frames a batch on: a batch of
+# one or two costs more than a readv or writev each (bench/trickle.py). A
+# TX drain batches when this many frames are posted; RX reads in batches
+# after an event that read this many (a burst), and frame by frame after
+# one that read fewer (a trickle: a stream's ACKs, request and response).
+SPAN_BATCH_MIN = 8
 # num_buffers = 1 (virtio_net_hdr_mrg_rxbuf), little-endian, at offset 10.
 _ONE_BUFFER = b"\x01\x00"
 # TX chains sent per kick (or poll) before yielding to the loop, as QEMU's
@@ -140,7 +144,7 @@ class QueuePair:
         self._tx_blocked = False  # the TAP refused a write (sndbuf full): wait until writable
         self._span_writer = None  # batched TAP writes (io_uring), when the host side has them
         self._tx_not_spans = False  # the last TX batch ended with a frame of several buffers
-        self._rx_batch = RX_MIN_BATCH  # RX buffers to take at once (see process_tap_rx_event)
+        self._rx_last = 0  # frames read by the last TAP event that found any
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         # A frame larger than one buffer came lately: batched reads start with
         # one read and double while frames fit, so a burst of large frames is
@@ -431,7 +435,9 @@ class QueuePair:
         spans = self._span_writer if self.tx_enabled and not self.observed and not strip else None
         while consumed < TX_BUDGET:
             if spans is not None and not self._tx_not_spans:
-                heads, addrs, lengths = q.pop_spans(min(BUDGET, TX_BUDGET - consumed))
+                heads, addrs, lengths = q.pop_spans(
+                    min(BUDGET, TX_BUDGET - consumed), at_least=SPAN_BATCH_MIN
+                )
                 if heads:
                     results = spans.write_spans(addrs, lengths)
                     n = len(heads)
@@ -538,6 +544,7 @@ class QueuePair:
         if q is None or not self.rx_enabled:
             return
         c = self.rx_counters
+        before = c.packets
         done: list[tuple[int, int]] = []
         if self._pending and not self._place_pending(q, done):
             self._flush_rx(q, done)
@@ -553,7 +560,8 @@ class QueuePair:
         # lone frame costs one pop and a stream gets whole batches. Observers
         # give a chain back as the last one taken: one at a time for them.
         observed = self.observed
-        want = 1 if observed else self._rx_batch
+        last = self._rx_last
+        want = 1 if observed else max(1, last)
         # With merged buffers a frame is read across as many chains as the last
         # one took (a GSO stream: several), so it lands in place, not in the
         # bounce buffer to be copied on.
@@ -562,8 +570,8 @@ class QueuePair:
         taken = 0
         stop = False
         reader = self._span_reader
-        if reader is not None and can_span and span == 1:
-            # Frames that fit one buffer (the last one did): read in batches.
+        if reader is not None and can_span and span == 1 and last >= SPAN_BATCH_MIN:
+            # A burst of frames that fit one buffer (the last one did): read in batches.
             taken, stop = self._rx_spans(q, reader, 1 if self._rx_large_seen else want, done)
             span = self._rx_span if can_span else 1
         while taken < BUDGET and not stop:
@@ -694,8 +702,9 @@ class QueuePair:
                 if not observed:
                     want = min(BUDGET, 2 * want)  # the batch was used up: more may wait
                 continue
-        self._rx_batch = max(RX_MIN_BATCH, min(BUDGET, 2 * taken))
         c.packets += packets
+        if c.packets != before:  # frames placed in place, batched, or copied on
+            self._rx_last = c.packets - before
         c.bytes += nbytes
         self._flush_rx(q, done)
         if self._push:
@@ -735,8 +744,10 @@ class QueuePair:
                 c.bytes += sum(results[:fit]) - fit * hdr
                 taken += fit
             if fit == n:
-                want = min(BUDGET, 2 * want)  # all of them full: more may wait
                 self._rx_large_seen = False
+                if not self._frames_wait():
+                    return taken, True  # a poll costs less than a batch of empty reads
+                want = min(BUDGET, 2 * want)  # all of them full, and more wait
                 continue
             for _ in range(n - fit):
                 q.unpop()  # the rest of the batch goes back to the ring
