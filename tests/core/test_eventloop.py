@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -31,6 +32,46 @@ def test_a_callback_that_unregisters_another_ready_fd_suppresses_its_stale_event
     loop.close()
     for fd in fds.values():
         os.close(fd)
+
+
+def test_an_fd_number_reused_within_a_batch_is_not_called_for_the_old_fd_s_event():
+    loop = EventLoop()
+    fds = {"a": os.eventfd(1), "b": os.eventfd(1)}  # both readable: one epoll batch
+    stale = []
+    reused = {}
+
+    def callback(me: str, other: str):
+        def run():
+            os.eventfd_read(fds[me])
+            loop.remove_reader(fds[other])
+            os.close(fds.pop(other))
+            fresh = os.eventfd(0)  # not readable; takes the closed fd's number
+            reused["fd"] = fresh
+            loop.add_reader(fresh, lambda: stale.append(fresh))
+
+        return run
+
+    loop.add_reader(fds["a"], callback("a", "b"))
+    loop.add_reader(fds["b"], callback("b", "a"))
+    loop.run_once(0)
+    assert stale == []  # the event reported for the old fd did not reach the new one
+    loop.run_once(0)
+    assert stale == []  # and the new one, never readable, is not called later either
+    loop.close()
+    for fd in [*fds.values(), reused["fd"]]:
+        os.close(fd)
+
+
+def test_a_peer_hanging_up_wakes_the_reader_which_then_reads_the_end():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    got = []
+    loop.add_reader(a.fileno(), lambda: got.append(a.recv(16)))
+    b.close()
+    loop.run_once(0)
+    assert got == [b""]
+    loop.close()
+    a.close()
 
 
 def test_pollers_run_every_iteration():
