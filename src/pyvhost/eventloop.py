@@ -96,13 +96,21 @@ class EventLoop:
         cbs[slot + 2] = self.owner
         events = (select.EPOLLIN if cbs[0] else 0) | (select.EPOLLOUT if cbs[1] else 0)
         try:
-            if fd in self._callbacks:
-                if events:
-                    self._epoll.modify(fd, events)
-                else:
+            if not events:
+                if fd in self._callbacks:
                     self._epoll.unregister(fd)
-            elif events:
-                self._epoll.register(fd, events)
+            elif fd in self._callbacks:
+                try:
+                    self._epoll.modify(fd, events)
+                except FileNotFoundError:
+                    # The fd was closed while watched (epoll forgot it) and its
+                    # number now belongs to a new one: watch that.
+                    self._epoll.register(fd, events)
+            else:
+                try:
+                    self._epoll.register(fd, events)
+                except FileExistsError:
+                    self._epoll.modify(fd, events)  # a dup of a closed one is still watched
         except (ValueError, OSError):
             pass  # the fd is already closed: nothing to watch
         if events:

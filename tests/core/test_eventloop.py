@@ -62,6 +62,21 @@ def test_an_fd_number_reused_within_a_batch_is_not_called_for_the_old_fd_s_event
         os.close(fd)
 
 
+def test_an_fd_closed_without_removal_leaves_its_number_free_for_a_new_reader():
+    loop = EventLoop()
+    old = os.eventfd(0)
+    loop.add_reader(old, lambda: None)
+    os.close(old)  # its owner forgot remove_reader (epoll drops the closed fd)
+    new = os.eventfd(1)
+    assert new == old  # the same number
+    ran = []
+    loop.add_reader(new, lambda: ran.append(os.eventfd_read(new)))
+    loop.run_once(0)
+    assert ran == [1]
+    loop.close()
+    os.close(new)
+
+
 def test_a_peer_hanging_up_wakes_the_reader_which_then_reads_the_end():
     loop = EventLoop()
     a, b = socket.socketpair()
