@@ -18,6 +18,7 @@ with the TAP's batched I/O (io_uring, `--io-uring=auto`) and without it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -45,99 +46,88 @@ ETHERNET = bytes.fromhex("ffffffffffff020000000001") + b"\x08\x00" + bytes(50)
 HDR = 12
 
 
-def served(ram, pair: QueuePair, driver: DriverQueue, rx: bool, fds: list[int]) -> None:
-    config = RingConfig(
-        index=0 if rx else 1, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
-        used=driver.used_addr, base=0, memory=ram.map_again(), kick_fd=fds[0], call_fd=fds[1],
-    )  # fmt: skip
-    pair.start_ring(rx, config)
-    pair.set_ring_enabled(rx, True)
+@contextlib.contextmanager
+def served_pair(tap: Tap, rx: bool, ram_bytes: int):
+    """A QueuePair on `tap` serving one ring (RX or TX) of a mock driver's:
+    (ram, driver, pair), all closed again on the way out."""
+    loop = EventLoop()
+    kick, call = os.eventfd(0), os.eventfd(0)
+    try:
+        with GuestRam(ram_bytes + (4 << 20)) as ram:
+            driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
+            pair = QueuePair(0, tap, loop)
+            pair.configure(FEATURES)
+            config = RingConfig(
+                index=0 if rx else 1, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
+                used=driver.used_addr, base=0, memory=ram.map_again(), kick_fd=kick, call_fd=call,
+            )  # fmt: skip
+            pair.start_ring(rx, config)
+            pair.set_ring_enabled(rx, True)
+            try:
+                yield ram, driver, pair
+            finally:
+                pair.close()
+    finally:
+        os.close(kick)
+        os.close(call)
+        loop.close()
 
 
 def rx_event_us(tap: Tap, per: int, events: int, repeats: int) -> tuple[list[float], str]:
     """us per frame of process_tap_rx_event with `per` frames waiting."""
-    loop = EventLoop()
-    fds = [os.eventfd(0), os.eventfd(0)]
-    sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     out = []
-    try:
+    with (
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sender,
+        served_pair(tap, True, SIZE * BUF) as (ram, driver, pair),
+    ):
         sender.bind((tap.name, 0))
-        with GuestRam(SIZE * BUF + (4 << 20)) as ram:
-            driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
-            pair = QueuePair(0, tap, loop)
-            pair.configure(FEATURES)
-            served(ram, pair, driver, True, fds)
-            try:
-                for _ in range(SIZE):
-                    driver.add(writable=[(ram.alloc(BUF), BUF)])
+        for _ in range(SIZE):
+            driver.add(writable=[(ram.alloc(BUF), BUF)])
+        driver.publish()
+        for _ in range(repeats):
+            spent = 0
+            for _ in range(events):
+                for _ in range(per):
+                    sender.send(ETHERNET)
+                t0 = time.perf_counter_ns()
+                pair.process_tap_rx_event()
+                spent += time.perf_counter_ns() - t0
+                for head, _ in driver.used():  # the guest posts them again
+                    driver.write_avail_slot(driver.avail_idx, head)
+                    driver.avail_idx = (driver.avail_idx + 1) & 0xFFFF
                 driver.publish()
-                io = pair.host_io()["rx"]
-                for _ in range(repeats):
-                    spent = 0
-                    for _ in range(events):
-                        for _ in range(per):
-                            sender.send(ETHERNET)
-                        t0 = time.perf_counter_ns()
-                        pair.process_tap_rx_event()
-                        spent += time.perf_counter_ns() - t0
-                        for head, _ in driver.used():  # the guest posts them again
-                            driver.write_avail_slot(driver.avail_idx, head)
-                            driver.avail_idx = (driver.avail_idx + 1) & 0xFFFF
-                        driver.publish()
-                    if pair.rx_counters.packets < events * per:
-                        raise SystemExit(f"rx: {pair.rx_counters.packets} of {events * per} frames")
-                    pair.rx_counters.packets = 0
-                    out.append(spent / events / per / 1000)
-            finally:
-                pair.close()
-    finally:
-        sender.close()
-        for fd in fds:
-            os.close(fd)
-        loop.close()
-    return out, io
+            if pair.rx_counters.packets < events * per:
+                raise SystemExit(f"rx: {pair.rx_counters.packets} of {events * per} frames")
+            pair.rx_counters.packets = 0
+            out.append(spent / events / per / 1000)
+        return out, pair.host_io()["rx"]
 
 
 def tx_event_us(tap: Tap, per: int, events: int, repeats: int) -> tuple[list[float], str]:
     """us per frame of one kick's drain with `per` frames posted."""
-    loop = EventLoop()
-    fds = [os.eventfd(0), os.eventfd(0)]
     frame = bytes(HDR) + ETHERNET
     out = []
-    try:
-        with GuestRam(SIZE * 128 + (4 << 20)) as ram:
-            driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
-            pair = QueuePair(0, tap, loop)
-            pair.configure(FEATURES)
-            served(ram, pair, driver, False, fds)
-            try:
-                free = [ram.alloc(128) for _ in range(SIZE)]
-                for addr in free:
-                    ram.memory.write(addr, frame)
-                posted: dict[int, int] = {}
-                io = pair.host_io()["tx"]
-                for _ in range(repeats):
-                    spent = 0
-                    for _ in range(events):
-                        for _ in range(per):
-                            addr = free.pop()
-                            posted[driver.add(readable=[(addr, len(frame))])] = addr
-                        driver.publish()
-                        t0 = time.perf_counter_ns()
-                        pair.process_tx_queue_event()
-                        spent += time.perf_counter_ns() - t0
-                        for head, _ in driver.used():
-                            free.append(posted.pop(head))
-                    if posted:
-                        raise SystemExit(f"tx: {len(posted)} frames not sent")
-                    out.append(spent / events / per / 1000)
-            finally:
-                pair.close()
-    finally:
-        for fd in fds:
-            os.close(fd)
-        loop.close()
-    return out, io
+    with served_pair(tap, False, SIZE * 128) as (ram, driver, pair):
+        free = [ram.alloc(128) for _ in range(SIZE)]
+        for addr in free:
+            ram.memory.write(addr, frame)
+        posted: dict[int, int] = {}
+        for _ in range(repeats):
+            spent = 0
+            for _ in range(events):
+                for _ in range(per):
+                    addr = free.pop()
+                    posted[driver.add(readable=[(addr, len(frame))])] = addr
+                driver.publish()
+                t0 = time.perf_counter_ns()
+                pair.process_tx_queue_event()
+                spent += time.perf_counter_ns() - t0
+                for head, _ in driver.used():
+                    free.append(posted.pop(head))
+            if posted:
+                raise SystemExit(f"tx: {len(posted)} frames not sent")
+            out.append(spent / events / per / 1000)
+        return out, pair.host_io()["tx"]
 
 
 def main() -> None:
