@@ -167,8 +167,8 @@ class EventLoop:
             if when <= time.monotonic_ns():
                 return 0
             self._timerfd.arm(when)
-        elif self._timerfd is not None and self._timerfd.armed_at is not None:
-            self._timerfd.disarm()
+        elif self._timerfd is not None:
+            self._timerfd.disarm()  # a no-op when not armed
         return timeout
 
     def _run_timers(self) -> None:
