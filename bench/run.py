@@ -139,9 +139,12 @@ def summary(values: list[float]) -> dict:
 class GuestSetup:
     """A guest and the host side, through one of three backends."""
 
-    def __init__(self, kind: str, image, workdir: Path, tuning: list[str] = ()) -> None:
+    def __init__(
+        self, kind: str, image, workdir: Path, tuning: list[str] = (), properties: str = ""
+    ) -> None:
         self.kind = kind
         self.tuning = list(tuning)  # pyvhost's options for this variant
+        self.properties = properties  # more virtio-net-pci properties, for every backend
         self.image = image
         self.netns = NetNamespace("pyvhost-bench")
         self.ifname = f"pb{uuid.uuid4().hex[:8]}"
@@ -177,8 +180,10 @@ class GuestSetup:
             socket = ""
             tap = f"tap,id=n0,ifname={self.ifname},script=no,downscript=no,vhost=off"
             dev = "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,vectors=0"
+            if self.properties:
+                dev += f",{self.properties}"
             extra = ["-netdev", tap, "-device", dev]
-        nic = NicOptions(socket, mem="512M")
+        nic = NicOptions(socket, mem="512M", properties=self.properties)
         opts = VmOptions(nic, self.image, ip=f"{GUEST_IP}/{PREFIX}", extra_args=extra,
                          taskset=GUEST_CORE)  # fmt: skip
         self.guest = Guest(opts)
@@ -239,7 +244,7 @@ def bench_throughput(args, image, workdir: Path) -> dict:
     for r in range(args.repeats):
         for kind in kinds:
             print(f"  throughput run {r + 1}/{args.repeats}: {kind}", flush=True)
-            setup = GuestSetup(kind, image, workdir, variants.get(kind, []))
+            setup = GuestSetup(kind, image, workdir, variants.get(kind, []), args.device)
             try:
                 setup.start()
                 up, cpu_up = setup.iperf3(False, args.seconds)
@@ -721,6 +726,13 @@ def main() -> int:
         "tree) in every comparison: before and after from one invocation",
     )
     ap.add_argument(
+        "--device",
+        default="",
+        metavar="PROPERTIES",
+        help="more virtio-net-pci properties for every guest in the throughput run, "
+        "on pyvhost and on QEMU's tap alike, e.g. --device mrg_rxbuf=off",
+    )
+    ap.add_argument(
         "--dpdk-guest",
         action="store_true",
         help="also run the guest through testpmd vhost+tap (fails here, see doc)",
@@ -746,6 +758,9 @@ def main() -> int:
     )
     results: dict = {"machine": machine, "repeats": args.repeats, "seconds": args.seconds,
                      "pinning": {"guest": GUEST_CORE, "backend": BACKEND_CORE}}  # fmt: skip
+    if args.device:
+        print(f"guests' virtio-net-pci: also {args.device} (pyvhost's and QEMU's tap alike)")
+        results["device_properties"] = args.device
     pages = None
     try:
         if which & {"throughput", "pps", "rxpps", "workers"}:
