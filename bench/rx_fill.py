@@ -13,6 +13,7 @@ front-end's are 16 KiB (5 chains).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -69,46 +70,62 @@ class FrameSource:
         os.close(self._fd)
 
 
-def per_frame_us(buf: int, repeats: int) -> list[float]:
+@contextlib.contextmanager
+def served_rx(buf: int):
+    """A QueuePair serving an RX ring of SIZE mergeable buffers of `buf` bytes
+    (one descriptor each) from a FrameSource: (pair, host, repost), where
+    repost() hands the used buffers back to the ring as a guest would."""
     loop, host = EventLoop(), FrameSource()
-    chains = -(-FRAME // buf)
-    frames_per_fill = SIZE // chains
-    out = []
-    with GuestRam(SIZE * buf + (4 << 20)) as ram:
-        driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
-        kick, call = os.eventfd(0), os.eventfd(0)
-        config = RingConfig(
-            index=0, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
-            used=driver.used_addr, base=0, memory=ram.map_again(), kick_fd=kick, call_fd=call,
-        )  # fmt: skip
-        pair = QueuePair(0, host, loop)
-        pair.configure(1 << 32 | 1 << 15)  # VERSION_1, MRG_RXBUF
-        pair.start_ring(True, config)
-        pair.set_ring_enabled(True, True)
-        for _ in range(SIZE):
-            driver.add(writable=[(ram.alloc(buf), buf)])
-        driver.publish()
-        try:
-            for _ in range(repeats):
-                spent, frames = 0.0, 0
-                while spent < 0.3:
-                    host.queue(frames_per_fill)
-                    t0 = time.perf_counter()
-                    while host.left > 0:
-                        pair.process_tap_rx_event()
-                    spent += time.perf_counter() - t0
-                    frames += frames_per_fill
-                    for head, _ in driver.used():  # the guest posts the buffers again
+    kick, call = os.eventfd(0), os.eventfd(0)
+    try:
+        with GuestRam(SIZE * buf + (4 << 20)) as ram:
+            driver = DriverQueue.layout(ram.memory, ram.alloc(ring_footprint(SIZE), 4096), SIZE)
+            config = RingConfig(
+                index=0, size=SIZE, desc=driver.desc_addr, avail=driver.avail_addr,
+                used=driver.used_addr, base=0, memory=ram.map_again(), kick_fd=kick,
+                call_fd=call,
+            )  # fmt: skip
+            pair = QueuePair(0, host, loop)
+            try:
+                pair.configure(1 << 32 | 1 << 15)  # VERSION_1, MRG_RXBUF
+                pair.start_ring(True, config)
+                pair.set_ring_enabled(True, True)
+                for _ in range(SIZE):
+                    driver.add(writable=[(ram.alloc(buf), buf)])
+                driver.publish()
+
+                def repost() -> None:
+                    for head, _ in driver.used():
                         driver.write_avail_slot(driver.avail_idx, head)
                         driver.avail_idx = (driver.avail_idx + 1) & 0xFFFF
                     driver.publish()
-                out.append(spent / frames * 1e6)
-        finally:
-            pair.close()
-            host.close()
-            for fd in (kick, call):
-                os.close(fd)
-    loop.close()
+
+                yield pair, host, repost
+            finally:
+                pair.close()  # before the guest RAM goes
+    finally:
+        host.close()
+        for fd in (kick, call):
+            os.close(fd)
+        loop.close()
+
+
+def per_frame_us(buf: int, repeats: int) -> list[float]:
+    chains = -(-FRAME // buf)
+    frames_per_fill = SIZE // chains
+    out = []
+    with served_rx(buf) as (pair, host, repost):
+        for _ in range(repeats):
+            spent, frames = 0.0, 0
+            while spent < 0.3:
+                host.queue(frames_per_fill)
+                t0 = time.perf_counter()
+                while host.left > 0:
+                    pair.process_tap_rx_event()
+                spent += time.perf_counter() - t0
+                frames += frames_per_fill
+                repost()
+            out.append(spent / frames * 1e6)
     return out
 
 
