@@ -626,3 +626,47 @@ def test_a_frame_is_not_read_into_the_few_chains_a_batch_ends_with_when_more_wai
     assert host.reads == [4] * 21 + [3]
     got = frames_back(ram, driver, driver.used(), addrs)
     assert [g[HDR:] for g in got] == [f[HDR:] for f in frames]
+
+
+def test_a_stream_merges_over_rx_chains_of_two_buffers_as_over_one_buffer_chains(rx):
+    # Not what a Linux driver posts for merged buffers, so the stream's lean
+    # path (views of one-buffer chains) passes them to the general one.
+    ram, driver, pair, host = rx
+    addrs = {}
+    for _ in range(30):
+        a = ram.alloc(4096)
+        addrs[driver.add(writable=[(a, 100), (a + 100, 3996)])] = a
+    driver.publish()
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # three chains a frame from now on
+    frames = big_stream(3) + [bytes(HDR) + b"s" * 60]
+    host.incoming += frames
+    pair.process_tap_rx_event()
+    used = driver.used()
+    got = frames_back(ram, driver, used, addrs)
+    assert [g[HDR:] for g in got][1:] == [f[HDR:] for f in frames]
+    assert pair.rx_counters.packets == 5 and pair.rx_counters.errors == 0
+
+
+def test_a_read_shorter_than_its_header_in_a_stream_is_an_error_and_the_next_frame_lands(rx):
+    ram, driver, pair, host = rx
+    addrs = post_at(ram, driver, 40, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()  # three buffers a frame from now on
+    driver.used()
+    host.incoming += [b"short"] + big_stream(1)
+    pair.process_tap_rx_event()
+    used = driver.used()
+    assert [n for _, n in used] == [4096, 4096, 1820]  # the runt took no buffer
+    assert [len(g) for g in frames_back(ram, driver, used, addrs)] == [10012]
+    assert pair.rx_counters.errors == 1 and pair.rx_counters.packets == 2
+
+
+def test_a_lone_read_shorter_than_its_header_is_an_error_and_the_next_frame_lands(rx):
+    ram, driver, pair, host = rx
+    heads = post_buffers(ram, driver, 4)
+    host.incoming += [b"short", bytes(HDR) + b"x" * 60]
+    pair._rx_last = 1  # a trickle: frame by frame
+    pair.process_tap_rx_event()
+    assert driver.used() == [(heads[0], HDR + 60)]
+    assert pair.rx_counters.errors == 1 and pair.rx_counters.packets == 1

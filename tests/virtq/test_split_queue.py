@@ -534,3 +534,104 @@ def test_no_writable_spans_while_the_dirty_log_is_on(ram):
         device.memory.set_log(None)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("order", ["table order", "shuffled"])
+def test_views_are_the_rx_buffers_themselves_with_their_heads_and_lengths(ram, order):
+    driver, device = queue_pair(ram, 16)
+    bufs = [ram.alloc(64) for _ in range(10)]
+    heads = [driver.add(writable=[(b, 40 + i)]) for i, b in enumerate(bufs)]
+    if order == "shuffled":
+        heads = [4, 0, 9, 3, 1, 2, 8, 5, 7, 6]
+        for slot, head in enumerate(heads):
+            driver.write_avail_slot(slot, head)
+    driver.publish()
+    got_heads, views, lengths = device.pop_views(16)
+    assert got_heads == heads and lengths == [40 + h for h in heads]
+    assert [len(v) for v in views] == lengths
+    views[1][:7] = b"written"  # as a readv into them would
+    assert ram.memory.read(bufs[heads[1]], 7) == b"written"
+    assert device.next_avail == 10
+
+
+def test_views_are_taken_up_to_the_limit(ram):
+    driver, device = queue_pair(ram, 8)
+    heads = [driver.add(writable=[(ram.alloc(64), 64)]) for _ in range(5)]
+    driver.publish()
+    assert device.pop_views(3)[0] == heads[:3]
+    assert device.pop_views(3)[0] == heads[3:]
+    assert device.pop_views(3) == ([], [], [])
+
+
+def test_views_are_all_or_nothing_and_pop_batch_takes_a_batch_with_another_chain(ram):
+    driver, device = queue_pair(ram, 8)
+    first = driver.add(writable=[(ram.alloc(64), 64)])
+    two = driver.add(writable=[(ram.alloc(12), 12), (ram.alloc(64), 64)])
+    driver.add(readable=[(ram.alloc(64), 64)])
+    driver.publish()
+    assert device.pop_views(8) == ([], [], [])
+    assert device.next_avail == 0  # nothing taken
+    assert [c.head for c in device.pop_batch(2)] == [first, two]
+
+
+def test_no_views_of_a_buffer_outside_guest_memory_which_pop_batch_then_refuses(ram):
+    driver, device = queue_pair(ram, 8)
+    driver.add(writable=[(ram.alloc(64), 64)])
+    bad = driver.add(writable=[(ram.alloc(64), 64)])
+    driver.write_desc(bad, 1 << 40, 64, 2, 0)  # WRITE, outside guest memory
+    driver.publish()
+    assert device.pop_views(8) == ([], [], [])
+    assert len(device.pop_batch(8)) == 1 and device.broken is not None
+    assert device.pop_views(8) == ([], [], [])
+
+
+def test_no_views_of_buffers_in_different_regions_or_across_a_region_edge():
+    mem = GuestMemory()
+    fd = memfd(0x20000)
+    mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
+    mem.add_region(RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000), fd)
+    driver = DriverQueue.layout(mem, 0, 8)
+    device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
+    driver.add(writable=[(0xF000, 0x20)])
+    driver.add(writable=[(0x18000, 0x20)])  # in the second region
+    driver.publish()
+    assert device.pop_views(8) == ([], [], [])
+    assert [len(c.writable) for c in device.pop_batch(8)] == [1, 1]
+    driver.add(writable=[(0xFFF0, 0x20)])  # across the edge: two views, from pop_batch
+    driver.publish()
+    assert device.pop_views(8) == ([], [], [])
+    assert [len(v) for v in device.pop_batch(8)[0].writable] == [0x10, 0x10]
+    device.close()
+    mem.clear()
+
+
+def test_no_views_of_a_read_only_region():
+    mem = GuestMemory()
+    fd = memfd(0x20000)
+    mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
+    mem.add_region(
+        RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000, readonly=True), fd
+    )
+    driver = DriverQueue.layout(mem, 0, 8)
+    device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
+    driver.add(writable=[(0x18000, 0x20)])
+    driver.publish()
+    assert device.pop_views(8) == ([], [], [])
+    device.close()
+    mem.clear()
+
+
+def test_no_views_while_the_dirty_log_is_on(ram):
+    from pyvhost.memory.dirty_log import DirtyLog
+
+    driver, device = queue_pair(ram, 8)
+    driver.add(writable=[(ram.alloc(64), 64)])
+    driver.publish()
+    fd = memfd(4096)
+    try:
+        device.memory.set_log(DirtyLog(fd, 4096, 0))
+        assert device.pop_views(8) == ([], [], [])
+        assert len(device.pop_batch(8)) == 1  # taken, its writes recorded for the log
+        device.memory.set_log(None)
+    finally:
+        os.close(fd)

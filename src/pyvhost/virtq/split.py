@@ -160,6 +160,8 @@ class SplitQueue(IotlbStalls):
         # Host addresses for pop_spans(): a GuestMemory has them, a vIOMMU's
         # address space (IOVAs) does not.
         self._host_window = getattr(memory, "host_window", None)
+        # ... and regions whose views pop_views() cuts buffers from.
+        self._region_of = getattr(memory, "find_region", None)
         self._mask = size - 1
         self._pins: list[Pin] = []
         self._desc: memoryview | None = None
@@ -386,20 +388,7 @@ class SplitQueue(IotlbStalls):
         # in the table, every descriptor is one readable buffer, and all of them
         # sit in the region of the first: what a driver posting small frames gives.
         if max(heads) < size:
-            last = head + n
-            if last <= size and heads == list(range(head, last)):
-                # Heads in table order (a driver that recycles descriptors in
-                # order): strided slices of the table, no index lists.
-                addrs_t = self._desc64[head << 1 : last << 1 : 2].tolist()
-                lengths_t = self._desc32[(head << 2) + 2 : last << 2 : 4].tolist()
-                flags_t = self._desc16[(head << 3) + 6 : last << 3 : 8].tolist()
-            else:
-                pick = itemgetter(*[h << 1 for h in heads])
-                addrs_t = pick(self._desc64) if n > 1 else (pick(self._desc64),)
-                pick = itemgetter(*[(h << 2) + 2 for h in heads])
-                lengths_t = pick(self._desc32) if n > 1 else (pick(self._desc32),)
-                pick = itemgetter(*[(h << 3) + 6 for h in heads])
-                flags_t = pick(self._desc16) if n > 1 else (pick(self._desc16),)
+            addrs_t, lengths_t, flags_t = self._fields_of(heads)
             if flags_t.count(want_flags) == n and 0 not in lengths_t:
                 try:
                     lo, hi, delta = window(addrs_t[0], writable)
@@ -434,6 +423,75 @@ class SplitQueue(IotlbStalls):
             heads = heads[:taken]
         self._next_avail = (na + taken) & 0xFFFF
         return heads, addrs, lengths
+
+    def pop_views(self, limit: int) -> tuple[list[int], list[memoryview], list[int]]:
+        """Up to `limit` available chains that are each one device-writable
+        descriptor, all in one writable memory region (a Linux driver's
+        mergeable RX buffers), as heads, views of the buffers and their
+        lengths: what one readv across several buffers takes (a large frame
+        merged over them), with no DescriptorChain built. All or nothing:
+        empty when the next `limit` (or fewer, as posted) are not all such,
+        and then pop_batch() takes them with every check of pop(). Empty too
+        while the dirty log is on, or for memory without regions of its own
+        (a vIOMMU's IOVAs), or when the ring is empty, broken or stalled."""
+        avail = self._avail
+        region_of = self._region_of
+        if (avail is None or region_of is None or self.broken is not None
+                or self.stalled is not None or self._memory.log is not None):  # fmt: skip
+            return [], [], []
+        na = self._next_avail
+        idx = avail[_IDX]
+        ahead = (idx - na) & 0xFFFF
+        if ahead == 0 or ahead > self.size or limit <= 0:
+            return [], [], []  # pop_batch() re-arms kicks, or breaks the queue
+        n = ahead if ahead < limit else limit
+        heads = self._avail_heads(na, n)
+        if max(heads) >= self.size:
+            return [], [], []
+        addrs, lengths, flags = self._fields_of(heads)
+        if flags.count(VIRTQ_DESC_F_WRITE) != n or 0 in lengths:
+            return [], [], []
+        try:
+            r = region_of(addrs[0])
+        except GuestMemoryError:
+            return [], [], []
+        start = r.start
+        if r.readonly or min(addrs) < start or max(map(add, addrs, lengths)) > r.end:
+            return [], [], []
+        view = r.view
+        self._shadow_avail = idx
+        self._next_avail = (na + n) & 0xFFFF
+        return (
+            heads,
+            [view[a - start : a - start + k] for a, k in zip(addrs, lengths, strict=True)],
+            list(lengths),
+        )
+
+    def _fields_of(self, heads: list[int]) -> tuple[tuple | list, tuple | list, tuple | list]:
+        """The addresses, lengths and flags of the descriptors `heads` name (all
+        inside the table), read in C loops: strided slices when the heads run
+        in table order (a driver recycling descriptors in order), else one
+        itemgetter per field."""
+        n = len(heads)
+        head = heads[0]
+        last = head + n
+        if last <= self.size and heads == list(range(head, last)):
+            return (
+                self._desc64[head << 1 : last << 1 : 2].tolist(),
+                self._desc32[(head << 2) + 2 : last << 2 : 4].tolist(),
+                self._desc16[(head << 3) + 6 : last << 3 : 8].tolist(),
+            )
+        if n == 1:
+            return (
+                (self._desc64[head << 1],),
+                (self._desc32[(head << 2) + 2],),
+                (self._desc16[(head << 3) + 6],),
+            )
+        return (
+            itemgetter(*[h << 1 for h in heads])(self._desc64),
+            itemgetter(*[(h << 2) + 2 for h in heads])(self._desc32),
+            itemgetter(*[(h << 3) + 6 for h in heads])(self._desc16),
+        )
 
     def _avail_heads(self, na: int, n: int) -> list[int]:
         """The n heads in the avail ring from index `na` on, in one or two slices

@@ -27,7 +27,9 @@ import logging
 import os
 import select
 import time
+from bisect import bisect_left
 from collections import deque
+from itertools import accumulate
 from typing import Protocol
 
 from pyvhost import hooks
@@ -146,6 +148,7 @@ class QueuePair:
         self._tx_not_spans = False  # the last TX batch ended with a frame of several buffers
         self._rx_last = 0  # frames read by the last TAP event that found any
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
+        self._rx_views = False  # the RX ring has pop_views (see _rx_merged)
         # A frame larger than one buffer came lately: batched reads start with
         # one read and double while frames fit, so a burst of large frames is
         # not read into single buffers and copied on (see _rx_spans).
@@ -310,6 +313,7 @@ class QueuePair:
         make = getattr(self.host, "open_span_reader", None)
         spans = make is not None and hasattr(ring.queue, "pop_spans")
         self._span_reader = make() if spans else None
+        self._rx_views = hasattr(ring.queue, "pop_views")  # a split ring's (see _rx_merged)
         self.rx_notifier = ModeratedNotifier(
             ring.notifier, self.loop, self.rx_window_ns, signalled, self._guest_streaming
         )
@@ -580,6 +584,17 @@ class QueuePair:
             size = max(span, min(want, BUDGET - taken))
             if span > 1:
                 size -= size % span  # whole spans: a span cut at the batch's end is given back
+                if can_span and self._rx_views:
+                    merged = self._rx_merged(q, span, size, done)
+                    if merged is not None:
+                        used, frames, read_bytes, stop = merged
+                        taken += max(used, 1)
+                        packets += frames
+                        nbytes += read_bytes
+                        span = self._rx_span
+                        if used == size:
+                            want = min(BUDGET, 2 * want)  # the batch was used up: more may wait
+                        continue
             chains = q.pop_batch(size)
             if not chains:
                 self._starve(q)
@@ -621,6 +636,9 @@ class QueuePair:
                         q.unpop()
                     stop = True
                     break
+                if vnet and n < hdr:
+                    c.errors += 1  # shorter than its own header: not a frame
+                    continue  # the same chain takes the next read
                 taken += 1
                 total = n if vnet else n + hdr
                 if not vnet:
@@ -782,6 +800,79 @@ class QueuePair:
                 return taken, True
             return taken, False
         return taken, False
+
+    def _rx_merged(
+        self, q: SplitQueue, span: int, size: int, done: list
+    ) -> tuple[int, int, int, bool] | None:
+        """A GSO stream's frames, each read in place across `span` merged
+        buffers of a batch that pop_views() took, with no DescriptorChain built:
+        (buffers used, frames, bytes, stop). None when the ring's next buffers
+        are not such a batch (pop_batch takes them). A frame that fits one
+        buffer ends the batch with the span back at 1 (a burst of small frames
+        is read in batches); one larger than its span is kept and placed as a
+        pending frame, the span grown to fit it."""
+        heads, views, lengths = q.pop_views(size)
+        if not heads:
+            return None
+        c = self.rx_counters
+        hdr = self.hdr_size
+        read = self.host.read_iovec
+        bounce = self._bounce_view
+        n = len(heads)
+        i = frames = nbytes = 0
+        stop = overflowed = False
+        while i < n:
+            end = i + span
+            if end > n:
+                if i:
+                    break  # not a whole span left: given back, a new batch starts with them
+                end = n
+            bufs = views[i:end]
+            bufs.append(bounce)
+            try:
+                got = read(bufs)
+            except BlockingIOError:
+                stop = True  # nothing queued on the TAP: the rest goes back
+                break
+            except OSError as e:
+                c.errors += 1
+                log.warning("rx%d: reading the TAP failed: %s", self.pair, e.strerror)
+                stop = True
+                break
+            if got < hdr:
+                c.errors += 1  # shorter than its own header: not a frame
+                continue
+            ends = list(accumulate(lengths[i:end]))
+            if got > ends[-1]:
+                # Ran on into the bounce buffer: keep the frame, and place it
+                # below with as many buffers as it needs.
+                room = ends[-1]
+                self._pending.append(b"".join(bufs[:-1]) + bounce[: got - room])
+                self._rx_span = min(BUDGET, max(end - i, -(-got // lengths[i])))
+                self._rx_large_seen = True
+                overflowed = True
+                break
+            k = bisect_left(ends, got)  # the frame ends in buffer i + k
+            done.extend(zip(heads[i : i + k], lengths[i : i + k], strict=True))
+            done.append((heads[i + k], got - ends[k - 1] if k else got))
+            count = (k + 1).to_bytes(2, "little")  # num_buffers
+            first = views[i]
+            if len(first) >= 12:
+                first[10:12] = count
+            else:
+                write_at(views[i:end], 10, count)
+            frames += 1
+            nbytes += got - hdr
+            i += k + 1
+            if not k:
+                self._rx_span = 1  # it fit one buffer: small frames follow, read in batches
+                break
+            self._rx_large_seen = True
+        for _ in range(n - i):
+            q.unpop()
+        if overflowed and not self._place_pending(q, done):
+            stop = True
+        return i, frames, nbytes, stop
 
     def _place_merged(self, q: SplitQueue, first, room: int, overflow, done) -> bool:
         """Copy `overflow` into further chains; on success queue all completions."""
