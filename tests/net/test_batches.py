@@ -544,12 +544,20 @@ def big_stream(n: int, size: int = 10000) -> list[bytes]:
     return [bytes(10) + b"\x01\x00" + bytes([i]) * size for i in range(n)]
 
 
+def start_stream(rx, buffers: int = 40) -> dict[int, int]:
+    """Post `buffers` 4 KiB RX buffers and read one large frame into them: the
+    stream then reads three buffers a frame. Its used elements are taken."""
+    ram, driver, pair, host = rx
+    addrs = post_at(ram, driver, buffers, 4096)
+    host.incoming += big_stream(1)
+    pair.process_tap_rx_event()
+    driver.used()
+    return addrs
+
+
 def test_a_stream_of_large_frames_is_read_one_read_a_frame_in_place(rx):
     ram, driver, pair, host = rx
-    addrs = post_at(ram, driver, 40, 4096)
-    host.incoming += big_stream(1)
-    pair.process_tap_rx_event()  # the first one shows the stream wants 3 buffers a frame
-    driver.used()
+    addrs = start_stream(rx)  # the first frame shows the stream wants 3 buffers a frame
     host.reads.clear()
     frames = big_stream(4) + [bytes(HDR) + b"s" * 60]
     host.incoming += frames
@@ -564,10 +572,7 @@ def test_a_stream_of_large_frames_is_read_one_read_a_frame_in_place(rx):
 
 def test_no_buffers_are_taken_for_a_further_read_once_the_host_side_is_empty(rx):
     ram, driver, pair, host = rx
-    post_at(ram, driver, 40, 4096)
-    host.incoming += big_stream(1)
-    pair.process_tap_rx_event()  # three buffers a frame from now on
-    driver.used()
+    start_stream(rx)  # three buffers a frame from now on
     tries = host.tries
     host.incoming += big_stream(1)
     pair.process_tap_rx_event()
@@ -579,10 +584,7 @@ def test_no_buffers_are_taken_for_a_further_read_once_the_host_side_is_empty(rx)
 
 def test_a_frame_longer_than_the_stream_s_span_is_placed_whole_and_in_order(rx):
     ram, driver, pair, host = rx
-    addrs = post_at(ram, driver, 40, 4096)
-    host.incoming += big_stream(1)
-    pair.process_tap_rx_event()  # three buffers a frame from now on
-    driver.used()
+    addrs = start_stream(rx)  # three buffers a frame from now on
     frames = big_stream(1) + big_stream(1, size=20000) + big_stream(1)
     host.incoming += frames
     pair.process_tap_rx_event()
@@ -611,10 +613,7 @@ def test_a_large_frame_fits_the_fewer_buffers_left_and_then_the_ring_waits(rx):
 
 def test_a_frame_is_not_read_into_the_few_chains_a_batch_ends_with_when_more_wait(rx):
     ram, driver, pair, host = rx
-    addrs = post_at(ram, driver, SIZE, 4096)
-    host.incoming += big_stream(1)
-    pair.process_tap_rx_event()  # three buffers a frame from now on
-    driver.used()
+    addrs = start_stream(rx, buffers=SIZE)  # three buffers a frame from now on
     addrs.update(post_at(ram, driver, 3, 4096))  # the ring full again: 64 buffers
     host.reads.clear()
     # 2 + 20 * 3 chains leave one at the end of a batch of 63 (whole spans):
@@ -650,10 +649,7 @@ def test_a_stream_merges_over_rx_chains_of_two_buffers_as_over_one_buffer_chains
 
 def test_a_read_shorter_than_its_header_in_a_stream_is_an_error_and_the_next_frame_lands(rx):
     ram, driver, pair, host = rx
-    addrs = post_at(ram, driver, 40, 4096)
-    host.incoming += big_stream(1)
-    pair.process_tap_rx_event()  # three buffers a frame from now on
-    driver.used()
+    addrs = start_stream(rx)  # three buffers a frame from now on
     host.incoming += [b"short"] + big_stream(1)
     pair.process_tap_rx_event()
     used = driver.used()

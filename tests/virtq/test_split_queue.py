@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -488,21 +489,33 @@ def test_spans_stop_before_a_buffer_outside_guest_memory_which_then_breaks_the_q
     assert device.pop_spans(8) == ([], [], [])
 
 
-def test_spans_stop_at_a_buffer_that_crosses_into_the_next_region():
+@contextlib.contextmanager
+def two_region_queue(second_readonly: bool = False):
+    """(driver, device) of a queue of 8 in guest memory made of two adjacent
+    64 KiB regions, the rings in the first."""
     mem = GuestMemory()
     fd = memfd(0x20000)
     mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
-    mem.add_region(RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000), fd)
+    second = RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000,
+                        readonly=second_readonly)  # fmt: skip
+    mem.add_region(second, fd)
     driver = DriverQueue.layout(mem, 0, 8)
     device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
-    inside = driver.add(readable=[(0xF000, 0x20)])
-    across = driver.add(readable=[(0xFFF0, 0x20)])
-    driver.publish()
-    assert device.pop_spans(8)[0] == [inside]
-    (chain,) = device.pop_batch(8)
-    assert chain.head == across and [len(v) for v in chain.readable] == [0x10, 0x10]
-    device.close()
-    mem.clear()
+    try:
+        yield driver, device
+    finally:
+        device.close()
+        mem.clear()
+
+
+def test_spans_stop_at_a_buffer_that_crosses_into_the_next_region():
+    with two_region_queue() as (driver, device):
+        inside = driver.add(readable=[(0xF000, 0x20)])
+        across = driver.add(readable=[(0xFFF0, 0x20)])
+        driver.publish()
+        assert device.pop_spans(8)[0] == [inside]
+        (chain,) = device.pop_batch(8)
+        assert chain.head == across and [len(v) for v in chain.readable] == [0x10, 0x10]
 
 
 def test_writable_spans_are_rx_buffers_and_stop_before_a_tx_frame(ram):
@@ -520,7 +533,8 @@ def test_writable_spans_are_rx_buffers_and_stop_before_a_tx_frame(ram):
     assert device.pop_spans(8, writable=True) == ([], [], [])
 
 
-def test_no_writable_spans_while_the_dirty_log_is_on(ram):
+@pytest.mark.parametrize("take, kwargs", [("pop_spans", {"writable": True}), ("pop_views", {})])
+def test_no_rx_buffers_by_span_or_view_while_the_dirty_log_is_on(ram, take, kwargs):
     from pyvhost.memory.dirty_log import DirtyLog
 
     driver, device = queue_pair(ram, 8)
@@ -529,7 +543,7 @@ def test_no_writable_spans_while_the_dirty_log_is_on(ram):
     fd = memfd(4096)
     try:
         device.memory.set_log(DirtyLog(fd, 4096, 0))
-        assert device.pop_spans(8, writable=True) == ([], [], [])
+        assert getattr(device, take)(8, **kwargs) == ([], [], [])
         assert len(device.pop_batch(8)) == 1  # taken, its writes recorded for the log
         device.memory.set_log(None)
     finally:
@@ -586,52 +600,20 @@ def test_no_views_of_a_buffer_outside_guest_memory_which_pop_batch_then_refuses(
 
 
 def test_no_views_of_buffers_in_different_regions_or_across_a_region_edge():
-    mem = GuestMemory()
-    fd = memfd(0x20000)
-    mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
-    mem.add_region(RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000), fd)
-    driver = DriverQueue.layout(mem, 0, 8)
-    device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
-    driver.add(writable=[(0xF000, 0x20)])
-    driver.add(writable=[(0x18000, 0x20)])  # in the second region
-    driver.publish()
-    assert device.pop_views(8) == ([], [], [])
-    assert [len(c.writable) for c in device.pop_batch(8)] == [1, 1]
-    driver.add(writable=[(0xFFF0, 0x20)])  # across the edge: two views, from pop_batch
-    driver.publish()
-    assert device.pop_views(8) == ([], [], [])
-    assert [len(v) for v in device.pop_batch(8)[0].writable] == [0x10, 0x10]
-    device.close()
-    mem.clear()
+    with two_region_queue() as (driver, device):
+        driver.add(writable=[(0xF000, 0x20)])
+        driver.add(writable=[(0x18000, 0x20)])  # in the second region
+        driver.publish()
+        assert device.pop_views(8) == ([], [], [])
+        assert [len(c.writable) for c in device.pop_batch(8)] == [1, 1]
+        driver.add(writable=[(0xFFF0, 0x20)])  # across the edge: two views, from pop_batch
+        driver.publish()
+        assert device.pop_views(8) == ([], [], [])
+        assert [len(v) for v in device.pop_batch(8)[0].writable] == [0x10, 0x10]
 
 
 def test_no_views_of_a_read_only_region():
-    mem = GuestMemory()
-    fd = memfd(0x20000)
-    mem.add_region(RegionSpec(GuestAddress(0), 0x10000), os.dup(fd))
-    mem.add_region(
-        RegionSpec(GuestAddress(0x10000), 0x10000, mmap_offset=0x10000, readonly=True), fd
-    )
-    driver = DriverQueue.layout(mem, 0, 8)
-    device = SplitQueue(mem, 8, driver.desc_addr, driver.avail_addr, driver.used_addr)
-    driver.add(writable=[(0x18000, 0x20)])
-    driver.publish()
-    assert device.pop_views(8) == ([], [], [])
-    device.close()
-    mem.clear()
-
-
-def test_no_views_while_the_dirty_log_is_on(ram):
-    from pyvhost.memory.dirty_log import DirtyLog
-
-    driver, device = queue_pair(ram, 8)
-    driver.add(writable=[(ram.alloc(64), 64)])
-    driver.publish()
-    fd = memfd(4096)
-    try:
-        device.memory.set_log(DirtyLog(fd, 4096, 0))
+    with two_region_queue(second_readonly=True) as (driver, device):
+        driver.add(writable=[(0x18000, 0x20)])
+        driver.publish()
         assert device.pop_views(8) == ([], [], [])
-        assert len(device.pop_batch(8)) == 1  # taken, its writes recorded for the log
-        device.memory.set_log(None)
-    finally:
-        os.close(fd)
