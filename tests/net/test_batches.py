@@ -666,3 +666,23 @@ def test_a_lone_read_shorter_than_its_header_is_an_error_and_the_next_frame_land
     pair.process_tap_rx_event()
     assert driver.used() == [(heads[0], HDR + 60)]
     assert pair.rx_counters.errors == 1 and pair.rx_counters.packets == 1
+
+
+def test_a_frame_posted_as_the_drain_asks_for_kicks_again_is_sent_in_that_drain(tx):
+    # The race a guest can win: it posts a frame after the drain's last look
+    # but before its request for kicks lands, so it will not kick for it.
+    ram, driver, pair, host = tx
+    host.room = 100
+    frames = post(ram, driver, 2)
+    rearm = pair.txq.enable_notification
+    late: list[bytes] = []
+
+    def guest_posts_meanwhile() -> bool:
+        if not late:
+            late.extend(post(ram, driver, 1))
+        return rearm()
+
+    pair.txq.enable_notification = guest_posts_meanwhile
+    pair.process_tx_queue_event()
+    assert host.frames == frames + late
+    assert pair.txq.next_avail == 3

@@ -460,7 +460,8 @@ class QueuePair:
                     consumed += n
                     q.push_used_read(heads)
                     continue
-            chains = q.pop_batch(min(BUDGET, TX_BUDGET - consumed))
+            asked = min(BUDGET, TX_BUDGET - consumed)
+            chains = q.pop_batch(asked)
             if not chains:
                 if rearm and q.enable_notification():
                     q.disable_notification()
@@ -515,6 +516,13 @@ class QueuePair:
             consumed += len(done)
             q.push_used_batch(done)
             if self._tx_blocked:
+                break
+            if len(chains) < asked:
+                # The batch took all the ring had when it looked: ask for kicks
+                # now (and look once more), rather than pop an empty ring first.
+                if rearm and q.enable_notification():
+                    q.disable_notification()
+                    continue
                 break
         if consumed:
             c.packets += packets
