@@ -38,7 +38,7 @@ from pyvhost.errors import (
     QueueError,
     WrapCounterError,
 )
-from pyvhost.memory import GuestMemory, MemoryRegion, Pin
+from pyvhost.memory import GuestMemory, Pin
 from pyvhost.virtq.layout import (
     MAX_CHAIN_BYTES,
     MAX_INDIRECT_ENTRIES,
@@ -49,6 +49,7 @@ from pyvhost.virtq.layout import (
     need_event,
     u16_view,
 )
+from pyvhost.virtq.mapping import RingMapping, check_alignment
 from pyvhost.virtq.packed_layout import (
     EVENT_AREA_ALIGN,
     EVENT_AREA_SIZE,
@@ -69,7 +70,6 @@ from pyvhost.virtq.packed_layout import (
     vring_base,
 )
 from pyvhost.virtq.split import DescriptorChain
-from pyvhost.virtq.stall import IotlbStalls
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ _pack_len_id = struct.Struct("<IH").pack_into  # a used descriptor's len and id
 _BOTH = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
 
 
-class PackedQueue(IotlbStalls):
+class PackedQueue(RingMapping):
     """Device side of one packed virtqueue in guest memory (or behind an IOMMU)."""
 
     packed = True
@@ -104,13 +104,11 @@ class PackedQueue(IotlbStalls):
         ring were at this guest address; None: at its own."""
         if not is_valid_packed_size(size):
             raise QueueConfigError(f"{name}: packed queue size {size} is not in 1..32768")
-        for what, addr, align in (
+        check_alignment(name, (
             ("descriptor ring", desc_addr, PACKED_DESC_ALIGN),
             ("driver event area", driver_event_addr, EVENT_AREA_ALIGN),
             ("device event area", device_event_addr, EVENT_AREA_ALIGN),
-        ):
-            if addr % align:
-                raise QueueConfigError(f"{name}: {what} at 0x{addr:x} is not {align}-aligned")
+        ))  # fmt: skip
         self.name = name
         self.size = size
         self.desc_addr = desc_addr
@@ -119,7 +117,7 @@ class PackedQueue(IotlbStalls):
         self.event_idx = event_idx
         self.indirect = indirect
         self.broken: QueueError | None = None
-        self.on_broken: Callable[[QueueError], None] | None = None
+        self.on_broken: Callable[[QueueError], None] | None = None  # see RingMapping
         self._memory = memory
         self._pins: list[Pin] = []
         self._ring: memoryview | None = None  # the descriptor ring, bytes
@@ -515,23 +513,6 @@ class PackedQueue(IotlbStalls):
             (self.device_event_addr, EVENT_AREA_SIZE),
         ]
 
-    def region_added(self, region: MemoryRegion | None) -> None:
-        if self._ring is None:
-            try:
-                self._map_rings()
-            except QueueConfigError:
-                pass
-
-    def region_removed(self, region: MemoryRegion) -> None:
-        if any(region in p.regions for p in self._pins):
-            self._unmap_rings()
-            try:
-                self._map_rings()
-            except QueueConfigError as e:
-                log.warning(
-                    "%s: rings are no longer in guest memory; idle until they are: %s", self.name, e
-                )
-
     def _map_rings(self) -> None:
         pins = self._pin_rings(
             self._memory,
@@ -557,15 +538,6 @@ class PackedQueue(IotlbStalls):
         pins, self._pins = self._pins, []
         for p in pins:
             p.release()
-
-    def _break(self, error: QueueError) -> None:
-        if self.broken is not None:
-            return
-        error.__traceback__ = error.__context__ = error.__cause__ = None
-        self.broken = error
-        log.error("%s: queue broken: %s", self.name, error)
-        if self.on_broken is not None:
-            self.on_broken(error)
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else ("ready" if self.ready else "idle")

@@ -44,7 +44,7 @@ from pyvhost.errors import (
     QueueConfigError,
     QueueError,
 )
-from pyvhost.memory import GuestMemory, MemoryRegion, Pin
+from pyvhost.memory import GuestMemory, Pin
 from pyvhost.virtq.layout import (
     AVAIL_ALIGN,
     DESC,
@@ -71,7 +71,7 @@ from pyvhost.virtq.layout import (
     used_event_offset,
     used_ring_size,
 )
-from pyvhost.virtq.stall import IotlbStalls
+from pyvhost.virtq.mapping import RingMapping, check_alignment
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class DescriptorChain:
         )
 
 
-class SplitQueue(IotlbStalls):
+class SplitQueue(RingMapping):
     """Device side of one split virtqueue in guest memory (or behind an IOMMU)."""
 
     packed = False
@@ -138,13 +138,11 @@ class SplitQueue(IotlbStalls):
         log_guest_addr); None: at the used ring's own address."""
         if not is_valid_queue_size(size):
             raise QueueConfigError(f"{name}: queue size {size} is not a power of two <= 32768")
-        for what, addr, align in (
+        check_alignment(name, (
             ("descriptor table", desc_addr, DESC_ALIGN),
             ("avail ring", avail_addr, AVAIL_ALIGN),
             ("used ring", used_addr, USED_ALIGN),
-        ):
-            if addr % align:
-                raise QueueConfigError(f"{name}: {what} at 0x{addr:x} is not {align}-aligned")
+        ))  # fmt: skip
         self.name = name
         self.size = size
         self.desc_addr = desc_addr
@@ -153,9 +151,7 @@ class SplitQueue(IotlbStalls):
         self.event_idx = event_idx
         self.indirect = indirect
         self.broken: QueueError | None = None
-        # Called once, when the queue breaks, whoever was driving it (a kick, a
-        # host-side event, a busy poller): the transport tells the driver.
-        self.on_broken: Callable[[QueueError], None] | None = None
+        self.on_broken: Callable[[QueueError], None] | None = None  # see RingMapping
         self._memory = memory
         # Host addresses for pop_spans(): a GuestMemory has them, a vIOMMU's
         # address space (IOVAs) does not.
@@ -786,23 +782,6 @@ class SplitQueue(IotlbStalls):
             (self.used_addr, used_ring_size(self.size)),
         ]
 
-    def region_added(self, region: MemoryRegion | None) -> None:
-        if self._avail is None:
-            try:
-                self._map_rings()
-            except QueueConfigError:
-                pass  # still not all there; stay idle
-
-    def region_removed(self, region: MemoryRegion) -> None:
-        if any(region in p.regions for p in self._pins):
-            self._unmap_rings()
-            try:
-                self._map_rings()
-            except QueueConfigError as e:
-                log.warning(
-                    "%s: rings are no longer in guest memory; idle until they are: %s", self.name, e
-                )
-
     def _map_rings(self) -> None:
         pins = self._pin_rings(
             self._memory,
@@ -838,18 +817,6 @@ class SplitQueue(IotlbStalls):
         pins, self._pins = self._pins, []
         for p in pins:
             p.release()
-
-    def _break(self, error: QueueError) -> None:
-        if self.broken is not None:
-            return  # the first error is the one reported
-        # Kept for its message only: its traceback's frames hold views of guest
-        # memory, and a queue that points at them (a cycle) would keep the
-        # mapping, and its fd, until Python's cycle collector happened to run.
-        error.__traceback__ = error.__context__ = error.__cause__ = None
-        self.broken = error
-        log.error("%s: queue broken: %s", self.name, error)
-        if self.on_broken is not None:
-            self.on_broken(error)
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else ("ready" if self.ready else "idle")

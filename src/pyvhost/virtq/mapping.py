@@ -1,11 +1,16 @@
-"""What a virtqueue does when its addresses go through an IOMMU's IOTLB.
+"""Where a virtqueue's rings are, and keeping them mapped as memory changes.
 
-A queue over an IommuAddressSpace may find a ring or a buffer without a
-translation (IotlbMiss). It then stalls: nothing is consumed or dropped, the
-miss has been sent to the front-end (the address space's on_miss), and pop()
-returns None until an IOTLB update arrives; then the queue maps its rings if
-they were missing and `on_unstall` asks the device to serve it again. An
-invalidation under a ring unmaps it until it is translated again.
+Shared by the split and packed queues: the placement checks of their ring
+parts, the pins that map each part as one view, and what happens when the
+memory under them changes. A region removed under a ring unmaps it, and the
+queue idles until the ring is in guest memory again. Behind an IOMMU a queue
+may find a ring or a buffer without a translation (IotlbMiss). It then
+stalls: nothing is consumed or dropped, the miss has been sent to the
+front-end (the address space's on_miss), and pop() returns None until an
+IOTLB update arrives; then the queue maps its rings if they were missing and
+`on_unstall` asks the device to serve it again. An invalidation under a ring
+unmaps it until it is translated again. A queue that meets an error it
+cannot go on from breaks, once, and says so.
 """
 
 from __future__ import annotations
@@ -19,18 +24,32 @@ from pyvhost.errors import (
     IotlbAccessError,
     IotlbMiss,
     QueueConfigError,
+    QueueError,
 )
 from pyvhost.memory import Pin
 
 log = logging.getLogger(__name__)
 
 
-class IotlbStalls:
+def check_alignment(name: str, parts) -> None:
+    """QueueConfigError for the first (what, guest address, alignment) ring
+    part whose address the ring's layout does not allow."""
+    for what, addr, align in parts:
+        if addr % align:
+            raise QueueConfigError(f"{name}: {what} at 0x{addr:x} is not {align}-aligned")
+
+
+class RingMapping:
     """Mixed into SplitQueue and PackedQueue; they provide the ring hooks below."""
 
     stalled: IotlbMiss | None = None
     on_unstall: Callable[[], None] | None = None
+    # Called once, when the queue breaks, whoever was driving it (a kick, a
+    # host-side event, a busy poller): the transport tells the driver.
+    on_broken: Callable[[QueueError], None] | None = None
+    broken: QueueError | None = None
     name: str
+    _pins: list[Pin]
 
     def _rings_mapped(self) -> bool:
         raise NotImplementedError
@@ -38,14 +57,40 @@ class IotlbStalls:
     def _ring_ranges(self) -> list[tuple[int, int]]:
         raise NotImplementedError
 
+    def _map_rings(self) -> None:
+        raise NotImplementedError
+
     def _unmap_rings(self) -> None:
         raise NotImplementedError
 
     def region_added(self, region) -> None:
-        raise NotImplementedError
+        if not self._rings_mapped():
+            try:
+                self._map_rings()
+            except QueueConfigError:
+                pass  # still not all there; stay idle
 
-    def _break(self, error) -> None:
-        raise NotImplementedError
+    def region_removed(self, region) -> None:
+        if any(region in p.regions for p in self._pins):
+            self._unmap_rings()
+            try:
+                self._map_rings()
+            except QueueConfigError as e:
+                log.warning(
+                    "%s: rings are no longer in guest memory; idle until they are: %s", self.name, e
+                )
+
+    def _break(self, error: QueueError) -> None:
+        if self.broken is not None:
+            return  # the first error is the one reported
+        # Kept for its message only: its traceback's frames hold views of guest
+        # memory, and a queue that points at them (a cycle) would keep the
+        # mapping, and its fd, until Python's cycle collector happened to run.
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        self.broken = error
+        log.error("%s: queue broken: %s", self.name, error)
+        if self.on_broken is not None:
+            self.on_broken(error)
 
     def _pin_rings(self, memory, parts) -> list[Pin] | None:
         """Pin each (what, guest address, length, write) ring part as one view.
