@@ -466,8 +466,8 @@ class SplitQueue(RingMapping):
     def _fields_of(self, heads: list[int]) -> tuple[tuple | list, tuple | list, tuple | list]:
         """The addresses, lengths and flags of the descriptors `heads` name (all
         inside the table), read in C loops: strided slices when the heads run
-        in table order (a driver recycling descriptors in order), else one
-        itemgetter per field."""
+        in table order (a driver recycling descriptors in order; a lone head
+        always does), else one itemgetter per field."""
         n = len(heads)
         head = heads[0]
         last = head + n
@@ -476,12 +476,6 @@ class SplitQueue(RingMapping):
                 self._desc64[head << 1 : last << 1 : 2].tolist(),
                 self._desc32[(head << 2) + 2 : last << 2 : 4].tolist(),
                 self._desc16[(head << 3) + 6 : last << 3 : 8].tolist(),
-            )
-        if n == 1:
-            return (
-                (self._desc64[head << 1],),
-                (self._desc32[(head << 2) + 2],),
-                (self._desc16[(head << 3) + 6],),
             )
         return (
             itemgetter(*[h << 1 for h in heads])(self._desc64),
