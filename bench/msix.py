@@ -15,7 +15,6 @@ Needs root.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -77,9 +76,7 @@ def run_config(name, image, work: Path, root: str | None, version, msix: bool, s
         guest.run(f"ping -c 2 -W 2 {HOST_IP}", timeout=30, check=False)
         out = []
         for reverse in (False, True):
-            _, text = guest.run(f"iperf3 -c {HOST_IP} -t {seconds} -J {'-R' if reverse else ''}",
-                                timeout=seconds + 60)  # fmt: skip
-            result = json.loads(text[text.index("{") :])
+            result = guest.iperf3(HOST_IP, seconds, reverse=reverse)
             out.append(result["end"]["sum_received"]["bits_per_second"] / 1e9)
         return tuple(out)
     finally:

@@ -205,14 +205,8 @@ class GuestSetup:
     def iperf3(self, reverse: bool, seconds: int) -> tuple[float, float]:
         """(Gbit/s, backend CPU seconds per GB)."""
         cpu0 = cpu_seconds(self.backend_pid, self.backend_tid)
-        _, out = self.guest.run(
-            f"iperf3 -c {HOST_IP} -t {seconds} -J {'-R' if reverse else ''}", timeout=seconds + 60
-        )
+        end = self.guest.iperf3(HOST_IP, seconds, reverse=reverse)["end"]
         cpu = cpu_seconds(self.backend_pid, self.backend_tid) - cpu0
-        result = json.loads(out[out.index("{") :])
-        if "error" in result:
-            raise RuntimeError(f"{self.kind}: iperf3 in the guest: {result['error']}")
-        end = result["end"]
         gbits = end["sum_received"]["bits_per_second"] / 1e9
         gbytes = end["sum_received"]["bytes"] / 1e9
         return gbits, cpu / gbytes

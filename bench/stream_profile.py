@@ -16,7 +16,6 @@ before it: the profile gives shares, the CPU run the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ import run as side_by_side  # noqa: E402
 from _timing import machine  # noqa: E402
 from pyvhost.guest.image import ensure_image  # noqa: E402
 from pyvhost.guest.lab import HOST_IP  # noqa: E402
+from pyvhost.guest.qemu import GuestError  # noqa: E402
 
 # The datapath's calls whose share is worth naming (inclusive of what they call).
 CALLS = [
@@ -53,19 +53,11 @@ def py_spy() -> str | None:
     return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
-def iperf3_command(to_guest: bool, seconds: int) -> str:
-    # The guest's own timeout: its iperf3 (3.12) can spin at the end of a
-    # reverse run instead of exiting (seen under py-spy's pauses).
-    return (f"timeout {seconds + 30} iperf3 -c {HOST_IP} -t {seconds} -J"
-            f"{' -R' if to_guest else ''}")  # fmt: skip
-
-
 def stream(setup, to_guest: bool, seconds: int) -> tuple[float, float, float, float]:
     """(Gbit/s, GB, user s, system s) of one iperf3 run."""
     u0, s0 = side_by_side.user_system(setup.backend_pid, setup.backend_tid)
-    _, out = setup.guest.run(iperf3_command(to_guest, seconds), timeout=seconds + 60)
+    end = setup.guest.iperf3(HOST_IP, seconds, reverse=to_guest)["end"]["sum_received"]
     u1, s1 = side_by_side.user_system(setup.backend_pid, setup.backend_tid)
-    end = json.loads(out[out.index("{") :])["end"]["sum_received"]
     return end["bits_per_second"] / 1e9, end["bytes"] / 1e9, u1 - u0, s1 - s0
 
 
@@ -79,12 +71,11 @@ def profile(setup, to_guest: bool, seconds: int, out: Path) -> None:
     try:
         # Only py-spy's samples are wanted from this run: an iperf3 that did not
         # end cleanly is said, not fatal (the samples cover the stream).
-        status, _ = setup.guest.run(
-            iperf3_command(to_guest, seconds + 2), timeout=seconds + 60, check=False
-        )
-        if status:
-            print(f"  (the profiled iperf3 run ended with status {status}; the profile is of "
-                  "the stream up to then)")  # fmt: skip
+        try:
+            setup.guest.iperf3(HOST_IP, seconds + 2, reverse=to_guest)
+        except GuestError as e:
+            print(f"  (the profiled iperf3 run did not end cleanly, {str(e).splitlines()[0]}; "
+                  "the profile is of the stream up to then)")  # fmt: skip
     finally:
         spy.wait(seconds + 30)
 

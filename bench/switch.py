@@ -19,7 +19,6 @@ Anchor and pyvhost alternate within each repeat; medians with min and max.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -44,8 +43,7 @@ HOOK = "examples.passthrough:hook"
 def iperf_between(guests, seconds: int) -> float:
     guests[1].run("iperf3 -s -D")
     time.sleep(0.5)
-    _, out = guests[0].run(f"iperf3 -c {guest_ip(1)} -t {seconds} -J", timeout=seconds + 60)
-    result = json.loads(out[out.index("{") :])
+    result = guests[0].iperf3(guest_ip(1), seconds)
     return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 

@@ -133,7 +133,6 @@ def run(
 def run_switch(vms: int, msix: bool | None, seconds: int) -> int:
     """`pyvhost demo --vms N`: N guests on one pyvhost switch, and the host behind
     its uplink TAP."""
-    import json
 
     from pyvhost.guest.switch_lab import SwitchLab, guest_ip
 
@@ -161,8 +160,7 @@ def run_switch(vms: int, msix: bool | None, seconds: int) -> int:
         lab.iperf_server(1)
         rates = []
         for name, ip in (("vm0 -> vm1", guest_ip(1)), ("vm0 -> host", HOST_IP)):
-            _, out = guests[0].run(f"iperf3 -c {ip} -t {seconds} -J", timeout=seconds + 60)
-            result = json.loads(out[out.index("{") :])
+            result = guests[0].iperf3(ip, seconds)
             rates.append((name, result["end"]["sum_received"]["bits_per_second"] / 1e9))
         ports = lab.stats()["ports"]
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from pyvhost.guest.lab import HOST_IP
+from pyvhost.guest.qemu import GuestError
 from pyvhost.testing.processes import wait_for
 
 
@@ -36,6 +37,12 @@ def test_iperf3_runs_both_ways(lab):
     q = lab.stats()["queues"]
     assert q["rx0"]["packets"] > 1000 and q["tx0"]["packets"] > 1000
     assert q["rx0"]["errors"] == q["tx0"]["errors"] == 0
+
+
+def test_an_iperf3_run_that_fails_in_the_guest_says_why(lab):
+    guest = lab().boot()  # no iperf3 server on the host
+    with pytest.raises(GuestError, match=rf"iperf3 to {HOST_IP}:5209: unable to connect"):
+        guest.iperf3(HOST_IP, 1, port=5209)
 
 
 def test_a_9000_byte_mtu_carries_jumbo_frames_unfragmented(lab):

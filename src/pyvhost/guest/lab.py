@@ -8,7 +8,6 @@ TAP goes with pyvhost's last fd, also when something fails half-way.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -163,9 +162,7 @@ class Lab:
     def iperf(self, reverse: bool = False, seconds: int = 5, port: int = 5201,
               extra: str = "") -> float:  # fmt: skip
         """Run iperf3 in the guest against the host; Gbit/s received."""
-        cmd = f"iperf3 -c {HOST_IP} -p {port} -t {seconds} -J {'-R' if reverse else ''} {extra}"
-        _, out = self.guest.run(cmd, timeout=seconds + 60)
-        result = json.loads(out[out.index("{") :])
+        result = self.guest.iperf3(HOST_IP, seconds, reverse=reverse, port=port, extra=extra)
         return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
     # --- teardown ------------------------------------------------------------------------
@@ -182,14 +179,7 @@ class Lab:
         if self.guest is not None:
             self.guest.stop()
             self.guest = None
-        for proc in self._servers:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        end_all(self._servers, grace=5)
         self._servers.clear()
         if self.pyvhost is not None:
             self.pyvhost.stop()

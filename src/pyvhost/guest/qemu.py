@@ -11,6 +11,7 @@ share=on) for a vhost-user back-end to map it.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import queue
 import re
@@ -228,6 +229,24 @@ class Guest:
             out.append(line)
             if echo is not None:
                 echo(line)
+
+    def iperf3(self, server: str, seconds: int, *, reverse: bool = False, port: int = 5201,
+               extra: str = "") -> dict:  # fmt: skip
+        """Run iperf3's client in the guest against `server` (-R with `reverse`:
+        the server sends); its JSON result. The guest's own `timeout` ends a
+        client that does not (iperf3 3.12 can spin at the end of a reverse
+        run), so a hung client fails the caller instead of stalling it."""
+        cmd = (f"timeout {seconds + 30} iperf3 -c {server} -p {port} -t {seconds} -J"
+               f"{' -R' if reverse else ''} {extra}")  # fmt: skip
+        status, out = self.run(cmd.rstrip(), timeout=seconds + 60, check=False)
+        try:
+            result = json.loads(out[out.index("{") :])
+        except ValueError:  # no JSON: iperf3 did not get as far as a result
+            result = {}
+        if status or "error" in result:
+            why = result.get("error") or ("timed out" if status == 124 else f"exited {status}")
+            raise GuestError(f"guest: iperf3 to {server}:{port}: {why}:\n{out[-2000:]}")
+        return result
 
     def stop(self, timeout: float = 5) -> int:
         """Power off (or, failing that, end QEMU by its PID); returns QEMU's status.

@@ -19,7 +19,7 @@ from pyvhost.guest.lab import HOST_IP, HOST_MAC, PREFIX, _listening_tcp
 from pyvhost.guest.msix import msix_works
 from pyvhost.guest.qemu import Guest, NicOptions, VmOptions
 from pyvhost.testing.netns import NetNamespace
-from pyvhost.testing.processes import PyvhostProcess, wait_for
+from pyvhost.testing.processes import PyvhostProcess, end_all, wait_for
 
 
 def guest_ip(i: int) -> str:
@@ -110,8 +110,6 @@ class SwitchLab:
 
     def abort(self, grace: float = 1.0) -> None:
         """Interrupted: everything ended at once (SIGTERM, SIGKILL after `grace`)."""
-        from pyvhost.testing.processes import end_all
-
         procs = [g.proc for g in self.guests if g is not None]
         if self.switch is not None:
             procs.append(self.switch.proc)
@@ -123,10 +121,7 @@ class SwitchLab:
             if g is not None:
                 g.stop()
         self.guests = [None] * self.n
-        for proc in self._servers:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
+        end_all(self._servers, grace=5)
         self._servers.clear()
         if self.switch is not None:
             self.switch.stop()
