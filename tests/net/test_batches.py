@@ -18,7 +18,12 @@ import select
 import pytest
 
 from pyvhost.device import RingConfig
-from pyvhost.devices.net.datapath import SPAN_BATCH_MIN, QueuePair
+from pyvhost.devices.net.datapath import (
+    RX_DEFER_AFTER,
+    RX_DEFER_BELOW,
+    SPAN_BATCH_MIN,
+    QueuePair,
+)
 from pyvhost.eventloop import EventLoop
 from pyvhost.testing import GuestRam
 from pyvhost.virtq.driver import DriverQueue, ring_footprint
@@ -686,3 +691,109 @@ def test_a_frame_posted_as_the_drain_asks_for_kicks_again_is_sent_in_that_drain(
     pair.process_tx_queue_event()
     assert host.frames == frames + late
     assert pair.txq.next_avail == 3
+
+
+# --- deferred reads in a stream of large frames ---------------------------------------
+
+DEFER_NS = 50_000_000  # long beside a test's own steps, short to wait out
+
+
+def one_frame_events(rx, n: int, frame=None) -> None:
+    """n TAP events through the loop, one frame each (a large one by default)."""
+    _, _, pair, host = rx
+    for _ in range(n):
+        host.incoming += [frame] if frame is not None else big_stream(1)
+        pair.loop.run_once(0)
+
+
+def start_served_stream(rx) -> dict[int, int]:
+    """start_stream, and the guest's kick for the buffers it posted: the TAP is
+    read by the loop from then on."""
+    addrs = start_stream(rx, buffers=60)
+    rx[2].process_rx_queue_event()
+    return addrs
+
+
+def run_until(pair, condition, seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        pair.loop.run_once(0.01)
+    raise AssertionError("the loop did not get there")
+
+
+def test_in_a_stream_of_large_frames_the_tap_is_left_unread_for_the_deferral(rx):
+    ram, driver, pair, host = rx
+    pair.rx_defer_ns = DEFER_NS
+    addrs = start_served_stream(rx)  # the stream's first event
+    one_frame_events(rx, RX_DEFER_AFTER - 1)  # the events that make it a stream
+    assert pair.rx_counters.deferrals == 1
+    read = pair.rx_counters.packets
+    frames = big_stream(3)
+    host.incoming += frames
+    pair.loop.run_once(0)  # the TAP is readable, and not read yet
+    assert pair.rx_counters.packets == read
+    run_until(pair, lambda: pair.rx_counters.packets == read + 3)  # one event, at the end
+    got = frames_back(ram, driver, driver.used(), addrs)
+    assert [g[HDR:] for g in got[-3:]] == [f[HDR:] for f in frames]
+
+
+def test_once_a_deferral_ends_the_tap_is_read_in_the_turn_a_frame_comes(rx):
+    ram, driver, pair, host = rx
+    pair.rx_defer_ns = DEFER_NS
+    start_served_stream(rx)
+    one_frame_events(rx, RX_DEFER_AFTER - 1)
+    host.incoming += big_stream(RX_DEFER_BELOW)  # the deferral ends with enough to read
+    run_until(pair, lambda: not host.incoming)
+    assert pair.rx_counters.deferrals == 1  # that event read enough: not deferred again
+    read = pair.rx_counters.packets
+    one_frame_events(rx, 1)
+    assert pair.rx_counters.packets == read + 1  # read at once (and, one alone, deferred)
+    assert pair.rx_counters.deferrals == 2
+
+
+def test_an_event_that_read_several_large_frames_is_not_deferred(rx):
+    ram, driver, pair, host = rx
+    pair.rx_defer_ns = DEFER_NS
+    start_served_stream(rx)
+    one_frame_events(rx, RX_DEFER_AFTER - 2)  # one event short of a stream
+    host.incoming += big_stream(RX_DEFER_BELOW)
+    pair.loop.run_once(0)  # makes it a stream, but read enough frames
+    assert pair.rx_counters.deferrals == 0
+    one_frame_events(rx, 1)  # read one: deferred
+    assert pair.rx_counters.deferrals == 1
+
+
+def test_small_frames_are_never_deferred(rx):
+    ram, driver, pair, host = rx
+    pair.rx_defer_ns = DEFER_NS
+    post_buffers(ram, driver, 40)
+    pair.process_rx_queue_event()  # the guest's kick for them
+    for i in range(2 * RX_DEFER_AFTER):
+        one_frame_events(rx, 1, bytes(HDR) + b"p" * 60)
+        assert pair.rx_counters.packets == i + 1  # each in the turn it came
+    assert pair.rx_counters.deferrals == 0
+
+
+def test_without_a_deferral_set_a_stream_is_read_frame_by_frame_as_it_comes(rx):
+    ram, driver, pair, host = rx
+    assert pair.rx_defer_ns == 0  # QueuePair's default
+    start_served_stream(rx)
+    for i in range(2 * RX_DEFER_AFTER):
+        one_frame_events(rx, 1)
+        assert pair.rx_counters.packets == i + 2
+    assert pair.rx_counters.deferrals == 0
+
+
+def test_stopping_the_rx_ring_during_a_deferral_ends_it_without_a_read(rx):
+    ram, driver, pair, host = rx
+    pair.rx_defer_ns = 1_000_000
+    start_served_stream(rx)
+    one_frame_events(rx, RX_DEFER_AFTER - 1)
+    assert pair.rx_counters.deferrals == 1
+    read = pair.rx_counters.packets
+    pair.stop_ring(True)
+    host.incoming += big_stream(2)
+    for _ in range(5):
+        pair.loop.run_once(0.002)  # past the deferral's end: nothing runs, nothing fails
+    assert pair.rx_counters.packets == read and len(host.incoming) == 2

@@ -100,6 +100,7 @@ def test_a_bad_mac_mtu_user_or_tuning_value_is_refused_before_anything_opens(tmp
         (["--group", "no-such-group-pyvhost"], "--group no-such-group-pyvhost: no such group"),
         (["--poll-us", "-1"], "--poll-us -1: must be between 0 and 1000000 microseconds"),
         (["--rx-usecs", "2000000"], "--rx-usecs 2000000: must be between 0 and 1000000"),
+        (["--rx-defer-us", "-5"], "--rx-defer-us -5: must be between 0 and 1000000"),
     ):
         r, sock = run_net(tmp_path, "tap,ifname=pvbadarg", *extra)
         assert r.returncode == 2 and message in r.stderr, r.stderr

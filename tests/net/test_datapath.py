@@ -141,6 +141,25 @@ def test_a_64k_gso_frame_from_the_host_arrives_merged_over_many_buffers(net_daem
     injector.close()
 
 
+def test_a_stream_of_large_frames_from_the_host_is_read_in_deferred_batches_whole_and_in_order(
+    net_daemon, netns
+):
+    d = net_daemon()  # --rx-defer-us at its default
+    injector = netns.packet_socket(d.ifname, vnet_hdr=True)
+    sizes = [20000 + 100 * i for i in range(12)]  # each over several 4 KiB buffers
+    with NetFrontend.connect(d.sock, rx_buf_size=4096) as fe:
+        fe.post_rx()
+        for n in sizes:
+            injector.send(gso_header(10) + tcp4_frame(n, HOST_MAC, GUEST_MAC))
+            time.sleep(0.002)  # one frame a TAP event, as a stream paced by its ACKs
+        got = fe.receive(timeout=5, count=len(sizes))
+        stats = queue_stats(d, "rx0")
+    assert [len(f) - 54 for f in got] == sizes  # whole, in order (54: the frame's headers)
+    assert got[-1] == tcp4_frame(sizes[-1], HOST_MAC, GUEST_MAC)
+    assert stats["deferrals"] > 0 and stats["errors"] == stats["drops"] == 0
+    injector.close()
+
+
 def test_without_vnet_hdr_no_offload_is_offered_and_headers_are_added_and_removed(
     net_daemon, netns
 ):

@@ -61,6 +61,16 @@ _ONE_BUFFER = b"\x01\x00"
 # tx_burst: a guest that refills its ring as fast as we drain it must not
 # starve the control socket, the other rings or the stats socket.
 TX_BUDGET = 256
+# A stream of large (GSO) frames into the guest comes a frame or two per TAP
+# event: every frame wakes us, and each wake's fixed cost (the loop, the poll,
+# the used-ring push and signal decision) is paid per one or two frames. Once
+# RX_DEFER_AFTER events in a row read large frames, an event that read fewer
+# than RX_DEFER_BELOW leaves the TAP unread for rx_defer_ns, so the next read
+# takes the several frames that came meanwhile: NAPI's napi_defer_hard_irqs
+# with gro_flush_timeout, for a TAP. Small frames (a ping, a request, the ACKs
+# of a stream going out) are never deferred.
+RX_DEFER_AFTER = 4
+RX_DEFER_BELOW = 4
 # RX signals are moderated only while the guest is streaming out: this much
 # sent since the last RX signal (about one TSO frame). What comes in then is
 # mostly its ACKs, and taking them in batches is cheaper for the guest; a
@@ -110,6 +120,7 @@ class QueuePair:
         poll_ns: int = 0,
         tx_window_ns: int = 0,
         rx_window_ns: int = 0,
+        rx_defer_ns: int = 0,
     ) -> None:
         self.pair = pair
         self.host = host
@@ -117,6 +128,7 @@ class QueuePair:
         self.poll_ns = poll_ns
         self.tx_window_ns = tx_window_ns
         self.rx_window_ns = rx_window_ns
+        self.rx_defer_ns = rx_defer_ns
         self.rx_counters = QueueCounters()
         self.tx_counters = QueueCounters()
         self._rx_ring: ServedRing | None = None
@@ -149,6 +161,8 @@ class QueuePair:
         self._rx_last = 0  # frames read by the last TAP event that found any
         self._rx_span = 1  # RX chains to read one frame across (merged buffers)
         self._rx_views = False  # the RX ring has pop_views (see _rx_merged)
+        self._rx_streak = 0  # TAP events in a row that read large frames (RX_DEFER_AFTER)
+        self._rx_deferred = None  # the Timer that resumes reading the TAP, while deferred
         # A frame larger than one buffer came lately: batched reads start with
         # one read and double while frames fit, so a burst of large frames is
         # not read into single buffers and copied on (see _rx_spans).
@@ -340,6 +354,7 @@ class QueuePair:
         if rx:
             if self.rx_notifier is not None:
                 self.rx_notifier.cancel()
+            self._end_deferral()
             self._rx_ring = self.rxq = self.rx_notifier = None
             self.rx_enabled = False
             self.rx_starved = False
@@ -366,7 +381,12 @@ class QueuePair:
         if fd is None:
             self._wake()  # a host side that pushes frames (a switch port): nothing to poll
             return
-        if self.rxq is not None and self.rx_enabled and not self.rx_starved:
+        if (
+            self.rxq is not None
+            and self.rx_enabled
+            and not self.rx_starved
+            and self._rx_deferred is None
+        ):
             self.loop.add_reader(fd, self.process_tap_rx_event)
         else:
             self.loop.remove_reader(fd)
@@ -735,6 +755,38 @@ class QueuePair:
         self._flush_rx(q, done)
         if self._push:
             self._wake()  # frames may still wait (the budget ran out)
+        elif self.rx_defer_ns and c.packets != before:
+            self._maybe_defer(c.packets - before)
+
+    def _maybe_defer(self, frames: int) -> None:
+        """After an event that read `frames`: in a stream of large frames, an
+        event that read few leaves the TAP unread for rx_defer_ns (RX_DEFER_AFTER)."""
+        if self._rx_span == 1:
+            self._rx_streak = 0  # a frame that fit one buffer: no stream of large ones
+            return
+        self._rx_streak += 1
+        if (
+            frames < RX_DEFER_BELOW
+            and self._rx_streak >= RX_DEFER_AFTER
+            and self._rx_deferred is None
+            and not self.rx_starved
+        ):
+            with self.loop.owned_by(self._rx_owner):
+                self._rx_deferred = self.loop.call_at(
+                    time.monotonic_ns() + self.rx_defer_ns, self._deferral_over
+                )
+            self.rx_counters.deferrals += 1
+            self._update_reading()
+
+    def _deferral_over(self) -> None:
+        self._rx_deferred = None
+        self._update_reading()
+        self.process_tap_rx_event()
+
+    def _end_deferral(self) -> None:
+        if self._rx_deferred is not None:
+            self._rx_deferred.cancel()
+            self._rx_deferred = None
 
     def _frames_wait(self) -> bool:
         """Whether the host side has a frame to read now (a zero-timeout poll

@@ -115,6 +115,7 @@ class VirtioNet(VirtioDevice):
         poll_us: int = 0,
         tx_usecs: int = 0,
         rx_usecs: int = 0,
+        rx_defer_us: int = 0,
         vhosts: list[VhostNet] | None = None,
         migration: bool = True,
         workers: bool = False,
@@ -122,6 +123,8 @@ class VirtioNet(VirtioDevice):
         """`poll_us`: busy-poll a TX ring this long after its last frame before
         asking for kicks again. `tx_usecs`, `rx_usecs`: signal that kind of ring
         at most once per so many microseconds (pyvhost.moderation). 0: off.
+        `rx_defer_us`: in a stream of large frames into the guest, leave the TAP
+        unread this long after an event that read few (datapath.RX_DEFER_AFTER).
         `vhosts`: one vhost-net instance per host queue; the pairs then start on
         the kernel datapath and can be moved to Python and back while they run.
         `migration`: offer dirty logging (VHOST_F_LOG_ALL), which QEMU needs to
@@ -137,9 +140,13 @@ class VirtioNet(VirtioDevice):
         self.mtu = mtu
         self.migration = migration
         self.workers = workers
-        self.poll_ns = poll_us * 1000
-        self.tx_window_ns = tx_usecs * 1000
-        self.rx_window_ns = rx_usecs * 1000
+        # A Python datapath's settings, the same for each pair and either engine.
+        self.pair_settings = {
+            "poll_ns": poll_us * 1000,
+            "tx_window_ns": tx_usecs * 1000,
+            "rx_window_ns": rx_usecs * 1000,
+            "rx_defer_ns": rx_defer_us * 1000,
+        }
         self.vnet_hdr = all(h.has_vnet_hdr for h in hosts)
         self.offloads = self.vnet_hdr and hosts[0].offload_supported(ALL_TUN_OFFLOADS)
         for h in hosts:
@@ -205,25 +212,13 @@ class VirtioNet(VirtioDevice):
 
     def attach(self, loop: EventLoop) -> None:
         super().attach(loop)
-        self.pairs = [
-            QueuePair(
-                i,
-                h,
-                loop,
-                poll_ns=self.poll_ns,
-                tx_window_ns=self.tx_window_ns,
-                rx_window_ns=self.rx_window_ns,
-            )
-            for i, h in enumerate(self.hosts)
-        ]
+        self.pairs = [QueuePair(i, h, loop, **self.pair_settings) for i, h in enumerate(self.hosts)]
         self.worker_pairs = [
             WorkerPair(
                 i,
                 h,
                 loop,
-                poll_ns=self.poll_ns,
-                tx_window_ns=self.tx_window_ns,
-                rx_window_ns=self.rx_window_ns,
+                settings=self.pair_settings,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
             )
             for i, h in enumerate(self.hosts)

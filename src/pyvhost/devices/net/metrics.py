@@ -16,6 +16,7 @@ class QueueCounters:
     kicks: int = 0  # times the ring was served for a kick (and once when it starts)
     notifications_sent: int = 0
     notifications_suppressed: int = 0
+    deferrals: int = 0  # RX: times the TAP was left unread to gather a stream's frames
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -53,15 +53,13 @@ class WorkerPair:
         host,
         loop: EventLoop,
         *,
-        poll_ns: int = 0,
-        tx_window_ns: int = 0,
-        rx_window_ns: int = 0,
+        settings: dict[str, int] | None = None,
         log_level: str = "warning",
     ) -> None:
         self.pair = pair
         self.host = host
         self.loop = loop
-        self._settings = (poll_ns, tx_window_ns, rx_window_ns)
+        self._settings = dict(settings or {})  # QueuePair's keyword arguments
         self._log_level = log_level
         self.proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
@@ -227,7 +225,7 @@ class WorkerPair:
         tap_fd = os.dup(self.host.fileno())
         try:
             io_uring = getattr(self.host, "io_uring", "off")  # the TAP's --io-uring
-            self._request("setup", self.pair, *self._settings, io_uring, fds=[tap_fd])
+            self._request("setup", self.pair, self._settings, io_uring, fds=[tap_fd])
             self._request("configure", self._features)
         except WorkerError:
             self._reap()

@@ -110,16 +110,11 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------
 
-    def op_setup(
-        self, pair: int, poll_ns: int, tx_window_ns: int, rx_window_ns: int, io_uring: str, *, fds
-    ):
+    def op_setup(self, pair: int, settings: dict[str, int], io_uring: str, *, fds):
         (tap_fd,) = fds
         self.host = Tap.from_fd(tap_fd, option="worker tap")
         self.host.io_uring = io_uring  # its io_uring ring is made here, in this process
-        self.pair = QueuePair(
-            pair, self.host, self.loop,
-            poll_ns=poll_ns, tx_window_ns=tx_window_ns, rx_window_ns=rx_window_ns,
-        )  # fmt: skip
+        self.pair = QueuePair(pair, self.host, self.loop, **settings)
         return os.getpid()
 
     def op_memory(self, specs: list[dict], *, fds):
