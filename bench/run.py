@@ -40,7 +40,18 @@ from pyvhost.testing.processes import PyvhostProcess, wait_for
 
 OUT = Path(__file__).resolve().parent / "out"
 # pyvhost without busy polling and interrupt moderation (the "before" of the tuning).
-UNTUNED = ["--poll-us", "0", "--tx-usecs", "0", "--rx-usecs", "0", "--rx-defer-us", "0"]
+UNTUNED = [
+    "--poll-us",
+    "0",
+    "--tx-usecs",
+    "0",
+    "--rx-usecs",
+    "0",
+    "--rx-defer-us",
+    "0",
+    "--tx-defer-us",
+    "0",
+]
 GUEST_CORE, BACKEND_CORE = "0", "1"
 
 

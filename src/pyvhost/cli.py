@@ -74,6 +74,7 @@ DEFAULT_POLL_US = 0
 DEFAULT_TX_USECS = 1000
 DEFAULT_RX_USECS = 1000
 DEFAULT_RX_DEFER_US = 400
+DEFAULT_TX_DEFER_US = 400
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +370,15 @@ def add_net_options(net: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_RX_DEFER_US}; 0: read every frame as it comes)",
     )
     net.add_argument(
+        "--tx-defer-us",
+        type=int,
+        default=DEFAULT_TX_DEFER_US,
+        metavar="N",
+        help="in a stream of large (TSO) frames from the guest, keep its kicks off and "
+        "drain the ring every N us while it has frames, as QEMU's virtio-net tx=timer; "
+        f"small frames are sent at their kick (default {DEFAULT_TX_DEFER_US}; 0: off)",
+    )
+    net.add_argument(
         "--hook",
         action="append",
         metavar="PAIR=module:function",
@@ -655,6 +665,7 @@ def cmd_net(args: argparse.Namespace) -> int:
         ("--tx-usecs", args.tx_usecs),
         ("--rx-usecs", args.rx_usecs),
         ("--rx-defer-us", args.rx_defer_us),
+        ("--tx-defer-us", args.tx_defer_us),
     ):
         if not 0 <= value <= 1_000_000:
             raise OptionError(f"{flag} {value}: must be between 0 and 1000000 microseconds")
@@ -698,6 +709,7 @@ def cmd_net(args: argparse.Namespace) -> int:
             tx_usecs=args.tx_usecs,
             rx_usecs=args.rx_usecs,
             rx_defer_us=args.rx_defer_us,
+            tx_defer_us=args.tx_defer_us,
             vhosts=netdev.vhosts,
             migration=args.migration,
             workers=args.workers,

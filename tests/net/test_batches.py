@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import select
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ from pyvhost.devices.net.datapath import (
     RX_DEFER_AFTER,
     RX_DEFER_BELOW,
     SPAN_BATCH_MIN,
+    TX_DEFER_AFTER,
     QueuePair,
 )
 from pyvhost.eventloop import EventLoop
@@ -706,6 +708,12 @@ def one_frame_events(rx, n: int, frame=None) -> None:
         pair.loop.run_once(0)
 
 
+def run_for(pair, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pair.loop.run_once(0.01)
+
+
 def start_served_stream(rx) -> dict[int, int]:
     """start_stream, and the guest's kick for the buffers it posted: the TAP is
     read by the loop from then on."""
@@ -797,3 +805,96 @@ def test_stopping_the_rx_ring_during_a_deferral_ends_it_without_a_read(rx):
     for _ in range(5):
         pair.loop.run_once(0.002)  # past the deferral's end: nothing runs, nothing fails
     assert pair.rx_counters.packets == read and len(host.incoming) == 2
+
+
+def post_large(ram, driver, n: int) -> list[bytes]:
+    """n frames of two buffers each (header, then 1000 bytes), as a TSO frame comes."""
+    frames = []
+    for i in range(n):
+        a, b = ram.alloc(HDR), ram.alloc(1000)
+        ram.memory.write(b, bytes([i]) * 1000)
+        driver.add(readable=[(a, HDR), (b, 1000)])
+        frames.append(bytes(HDR) + bytes([i]) * 1000)
+    driver.publish()
+    return frames
+
+
+def start_tx_stream(tx) -> list[bytes]:
+    """TX_DEFER_AFTER kicks, each for a large frame: a stream from then on."""
+    ram, driver, pair, host = tx
+    host.room = 1000
+    pair.tx_defer_ns = DEFER_NS
+    sent = []
+    for _ in range(TX_DEFER_AFTER):
+        sent += post_large(ram, driver, 1)
+        assert driver.needs_kick()
+        pair.process_tx_queue_event()
+    assert pair.tx_counters.deferrals == 0 and host.frames == sent
+    return sent
+
+
+def test_in_a_stream_of_large_frames_from_the_guest_kicks_stay_off_and_a_timer_drains(tx):
+    ram, driver, pair, host = tx
+    sent = start_tx_stream(tx)
+    sent += post_large(ram, driver, 1)
+    assert driver.needs_kick()
+    pair.process_tx_queue_event()  # sent at once; kicks stay off
+    assert host.frames == sent and pair.tx_counters.deferrals == 1
+    late = post_large(ram, driver, 2)
+    assert not driver.needs_kick()  # the guest is asked for no kick
+    pair.loop.run_once(0)
+    assert host.frames == sent  # they wait for the timer
+    run_until(pair, lambda: len(host.frames) == len(sent) + 2)
+    assert host.frames == sent + late
+
+
+def test_a_deferred_drain_that_finds_nothing_asks_for_kicks_again(tx):
+    ram, driver, pair, host = tx
+    sent = start_tx_stream(tx)
+    sent += post_large(ram, driver, 1)
+    driver.needs_kick()
+    pair.process_tx_queue_event()
+    run_for(pair, 3 * DEFER_NS / 1e9)  # a deferred drain found the ring empty
+    sent += post(ram, driver, 1)
+    assert driver.needs_kick()  # kicks are on again
+    pair.process_tx_queue_event()
+    assert host.frames == sent  # and the small frame went at its kick
+
+
+def test_small_frames_from_the_guest_are_sent_at_their_kick_never_deferred(tx):
+    ram, driver, pair, host = tx
+    host.room = 1000
+    pair.tx_defer_ns = DEFER_NS
+    for i in range(2 * TX_DEFER_AFTER):
+        post(ram, driver, 1)
+        assert driver.needs_kick()
+        pair.process_tx_queue_event()
+        assert len(host.frames) == i + 1
+    assert pair.tx_counters.deferrals == 0
+
+
+def test_without_a_tx_deferral_set_every_large_frame_is_sent_at_its_kick(tx):
+    ram, driver, pair, host = tx
+    host.room = 1000
+    assert pair.tx_defer_ns == 0  # QueuePair's default
+    for i in range(2 * TX_DEFER_AFTER):
+        post_large(ram, driver, 1)
+        assert driver.needs_kick()
+        pair.process_tx_queue_event()
+        assert len(host.frames) == i + 1
+    assert pair.tx_counters.deferrals == 0
+
+
+def test_stopping_the_tx_ring_during_a_deferral_ends_it_without_a_drain(tx):
+    ram, driver, pair, host = tx
+    sent = start_tx_stream(tx)
+    pair.tx_defer_ns = 1_000_000
+    sent += post_large(ram, driver, 1)
+    driver.needs_kick()
+    pair.process_tx_queue_event()
+    assert pair.tx_counters.deferrals == 1
+    pair.stop_ring(False)
+    post_large(ram, driver, 2)
+    for _ in range(5):
+        pair.loop.run_once(0.002)  # past the deferral's end: nothing runs, nothing fails
+    assert host.frames == sent

@@ -19,7 +19,7 @@ from pyvhost.stats import fetch
 from pyvhost.testing.frames import gso_header, tcp4_frame
 from pyvhost.testing.processes import wait_for
 
-from .conftest import GUEST_MAC, HOST_MAC, frame, receive_ours, recv_ours
+from .conftest import GUEST_MAC, HOST_MAC, big_socket, frame, receive_ours, recv_ours
 
 GSO_PAYLOAD = 64000
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (we are root)
@@ -118,6 +118,30 @@ def test_a_64k_tso_frame_from_the_guest_reaches_the_host_whole(net_daemon, netns
             if got[12:14] == b"\x08\x00":
                 break
     assert got == big
+    host.close()
+
+
+def test_a_stream_of_large_frames_from_the_guest_is_drained_on_a_timer_whole_and_in_order(
+    net_daemon, netns
+):
+    d = net_daemon()  # --tx-defer-us at its default
+    host = big_socket(netns, d.ifname)  # the frames of a deferred drain come together
+    sizes = [20000 + 100 * i for i in range(12)]
+    with NetFrontend.connect(d.sock) as fe:
+        for n in sizes:
+            # Header and frame in two buffers, as a TSO frame comes from a Linux guest.
+            fe.send(tcp4_frame(n, GUEST_MAC, HOST_MAC), header=gso_header(fe.hdr_size),
+                    split_header=True)  # fmt: skip
+            time.sleep(0.002)  # a kick a frame, as a stream paced by its ACKs
+        got = []
+        while len(got) < len(sizes):
+            frame = host.recv(70000)
+            if frame[12:14] == b"\x08\x00":  # the GSO packets, before segmentation
+                got.append(frame)
+        stats = queue_stats(d, "tx0")
+    assert [len(f) - 54 for f in got] == sizes  # whole, in order (54: the frame's headers)
+    assert got[-1] == tcp4_frame(sizes[-1], GUEST_MAC, HOST_MAC)
+    assert stats["deferrals"] > 0 and stats["errors"] == stats["drops"] == 0
     host.close()
 
 

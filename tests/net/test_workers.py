@@ -30,6 +30,7 @@ from tests.net.test_datapath import (  # noqa: F401 - run again here, with worke
     test_a_64k_gso_frame_from_the_host_arrives_merged_over_many_buffers,
     test_a_64k_tso_frame_from_the_guest_reaches_the_host_whole,
     test_a_burst_beyond_the_tx_budget_is_sent_whole_after_one_kick,
+    test_a_stream_of_large_frames_from_the_guest_is_drained_on_a_timer_whole_and_in_order,
     test_a_stream_of_large_frames_from_the_host_is_read_in_deferred_batches_whole_and_in_order,
     test_every_queue_pair_carries_traffic,
     test_frames_from_the_guest_reach_the_tap_byte_for_byte,

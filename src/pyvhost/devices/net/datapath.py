@@ -71,6 +71,11 @@ TX_BUDGET = 256
 # of a stream going out) are never deferred.
 RX_DEFER_AFTER = 4
 RX_DEFER_BELOW = 4
+# The same for a stream of large frames from the guest, as QEMU's tx=timer: once
+# TX_DEFER_AFTER kicks in a row sent large frames (several buffers each), kicks
+# stay off and the ring is drained every tx_defer_ns while it has frames; the
+# first drain that finds none asks for kicks again.
+TX_DEFER_AFTER = 4
 # RX signals are moderated only while the guest is streaming out: this much
 # sent since the last RX signal (about one TSO frame). What comes in then is
 # mostly its ACKs, and taking them in batches is cheaper for the guest; a
@@ -121,6 +126,7 @@ class QueuePair:
         tx_window_ns: int = 0,
         rx_window_ns: int = 0,
         rx_defer_ns: int = 0,
+        tx_defer_ns: int = 0,
     ) -> None:
         self.pair = pair
         self.host = host
@@ -129,6 +135,7 @@ class QueuePair:
         self.tx_window_ns = tx_window_ns
         self.rx_window_ns = rx_window_ns
         self.rx_defer_ns = rx_defer_ns
+        self.tx_defer_ns = tx_defer_ns
         self.rx_counters = QueueCounters()
         self.tx_counters = QueueCounters()
         self._rx_ring: ServedRing | None = None
@@ -148,6 +155,7 @@ class QueuePair:
             self._readable.register(host.fileno(), select.POLLIN)
         self._wake_pending = False
         self._rx_owner: object = None  # the session serving the RX ring
+        self._tx_owner: object = None  # and the TX ring: a deferred drain runs as its own
         self._tx_bytes_since_rx_signal = 0
         self._tx_idle_since = 0  # busy polling: when the ring was last found empty
         self.rx_enabled = False
@@ -163,6 +171,8 @@ class QueuePair:
         self._rx_views = False  # the RX ring has pop_views (see _rx_merged)
         self._rx_streak = 0  # TAP events in a row that read large frames (RX_DEFER_AFTER)
         self._rx_deferred = None  # the Timer that resumes reading the TAP, while deferred
+        self._tx_streak = 0  # drains in a row that ended with a large frame (TX_DEFER_AFTER)
+        self._tx_deferred = None  # the Timer of the next drain, while kicks are off
         # A frame larger than one buffer came lately: batched reads start with
         # one read and double while frames fit, so a burst of large frames is
         # not read into single buffers and copied on (see _rx_spans).
@@ -340,6 +350,7 @@ class QueuePair:
     def _attach_tx(self, ring: ServedRing) -> None:
         c = self.tx_counters
         self._tx_ring = ring
+        self._tx_owner = self.loop.owner
         self.txq = ring.queue
         # Batched writes take chains as spans: a split ring's pop_spans (a packed
         # ring goes frame by frame).
@@ -367,6 +378,10 @@ class QueuePair:
             if self.tx_notifier is not None:
                 self.tx_notifier.cancel()
             self._stop_tx_polling()
+            if self._tx_deferred is not None:
+                self._tx_deferred.cancel()
+                self._tx_deferred = None
+            self._tx_streak = 0
             self._tx_ring = self.txq = self.tx_notifier = None
             self.tx_enabled = False
             if self._span_writer is not None:
@@ -395,10 +410,13 @@ class QueuePair:
 
     def process_tx_queue_event(self) -> None:
         """The guest kicked TX (or the TAP became writable again)."""
-        if self._tx_polling:
-            return  # the busy poller will see it
+        if self._tx_polling or self._tx_deferred is not None:
+            return  # the busy poller, or the deferred drain, will see it
         if not self.poll_ns:
-            self._drain_tx_and_rearm()
+            if self.tx_defer_ns and self._tx_streak >= TX_DEFER_AFTER:
+                self._drain_tx_deferred()
+            else:
+                self._drain_tx_and_rearm()
         elif not self._drain_tx(rearm=False):
             self._drain_tx_and_rearm()  # nothing there: wait for the next kick
         elif self.txq is not None and not self._tx_blocked:
@@ -413,6 +431,23 @@ class QueuePair:
         if self._drain_tx(rearm=True) >= TX_BUDGET and not self._tx_resume_pending:
             self._tx_resume_pending = True
             self.loop.call_soon(self._resume_tx)
+
+    def _drain_tx_deferred(self) -> None:
+        """In a stream of large frames: drain with kicks left off, and drain
+        again after tx_defer_ns; a drain that finds nothing asks for kicks."""
+        if self._drain_tx(rearm=False) and not self._tx_blocked and self.txq is not None:
+            with self.loop.owned_by(self._tx_owner):
+                self._tx_deferred = self.loop.call_at(
+                    time.monotonic_ns() + self.tx_defer_ns, self._tx_deferral_over
+                )
+            self.tx_counters.deferrals += 1
+        elif not self._tx_blocked:
+            self._tx_streak = 0
+            self._drain_tx_and_rearm()  # the stream paused: kicks again, catching a race
+
+    def _tx_deferral_over(self) -> None:
+        self._tx_deferred = None
+        self.process_tx_queue_event()
 
     def _resume_tx(self) -> None:
         self._tx_resume_pending = False
@@ -545,6 +580,7 @@ class QueuePair:
                     continue
                 break
         if consumed:
+            self._tx_streak = self._tx_streak + 1 if self._tx_not_spans else 0
             c.packets += packets
             c.bytes += sent_bytes
             c.drops += drops

@@ -116,6 +116,7 @@ class VirtioNet(VirtioDevice):
         tx_usecs: int = 0,
         rx_usecs: int = 0,
         rx_defer_us: int = 0,
+        tx_defer_us: int = 0,
         vhosts: list[VhostNet] | None = None,
         migration: bool = True,
         workers: bool = False,
@@ -124,7 +125,8 @@ class VirtioNet(VirtioDevice):
         asking for kicks again. `tx_usecs`, `rx_usecs`: signal that kind of ring
         at most once per so many microseconds (pyvhost.moderation). 0: off.
         `rx_defer_us`: in a stream of large frames into the guest, leave the TAP
-        unread this long after an event that read few (datapath.RX_DEFER_AFTER).
+        unread this long after an event that read few (datapath.RX_DEFER_AFTER);
+        `tx_defer_us`: from the guest, drain this often with kicks off.
         `vhosts`: one vhost-net instance per host queue; the pairs then start on
         the kernel datapath and can be moved to Python and back while they run.
         `migration`: offer dirty logging (VHOST_F_LOG_ALL), which QEMU needs to
@@ -146,6 +148,7 @@ class VirtioNet(VirtioDevice):
             "tx_window_ns": tx_usecs * 1000,
             "rx_window_ns": rx_usecs * 1000,
             "rx_defer_ns": rx_defer_us * 1000,
+            "tx_defer_ns": tx_defer_us * 1000,
         }
         self.vnet_hdr = all(h.has_vnet_hdr for h in hosts)
         self.offloads = self.vnet_hdr and hosts[0].offload_supported(ALL_TUN_OFFLOADS)
