@@ -16,7 +16,9 @@ Notifications: signals to the driver go through a ModeratedNotifier (at most
 one per tx/rx window per ring, none delayed on an idle ring), and after a
 TX kick that found frames the ring is busy-polled for `poll_ns` before kicks
 are asked for again, so a guest sending a stream does not kick per frame.
-Both trade our CPU time for the guest's: see BENCHMARKS.md.
+Both trade our CPU time for the guest's: see BENCHMARKS.md. A stream of
+large frames is drained (TX) and read (RX) on a timer rather than per
+frame, so a wake carries several (RX_DEFER_AFTER, TX_DEFER_AFTER).
 """
 
 from __future__ import annotations
@@ -365,7 +367,7 @@ class QueuePair:
         if rx:
             if self.rx_notifier is not None:
                 self.rx_notifier.cancel()
-            self._end_deferral()
+            self._end_rx_deferral()
             self._rx_ring = self.rxq = self.rx_notifier = None
             self.rx_enabled = False
             self.rx_starved = False
@@ -792,9 +794,9 @@ class QueuePair:
         if self._push:
             self._wake()  # frames may still wait (the budget ran out)
         elif self.rx_defer_ns and c.packets != before:
-            self._maybe_defer(c.packets - before)
+            self._maybe_defer_rx(c.packets - before)
 
-    def _maybe_defer(self, frames: int) -> None:
+    def _maybe_defer_rx(self, frames: int) -> None:
         """After an event that read `frames`: in a stream of large frames, an
         event that read few leaves the TAP unread for rx_defer_ns (RX_DEFER_AFTER)."""
         if self._rx_span == 1:
@@ -809,17 +811,18 @@ class QueuePair:
         ):
             with self.loop.owned_by(self._rx_owner):
                 self._rx_deferred = self.loop.call_at(
-                    time.monotonic_ns() + self.rx_defer_ns, self._deferral_over
+                    time.monotonic_ns() + self.rx_defer_ns, self._rx_deferral_over
                 )
             self.rx_counters.deferrals += 1
             self._update_reading()
 
-    def _deferral_over(self) -> None:
+    def _rx_deferral_over(self) -> None:
         self._rx_deferred = None
         self._update_reading()
         self.process_tap_rx_event()
 
-    def _end_deferral(self) -> None:
+    def _end_rx_deferral(self) -> None:
+        self._rx_streak = 0
         if self._rx_deferred is not None:
             self._rx_deferred.cancel()
             self._rx_deferred = None
