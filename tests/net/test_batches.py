@@ -819,16 +819,24 @@ def post_large(ram, driver, n: int) -> list[bytes]:
     return frames
 
 
+def each_sent_at_its_kick(tx, post_one, n: int) -> list[bytes]:
+    """n frames posted by `post_one`, each asking for a kick and sent in it."""
+    ram, driver, pair, host = tx
+    sent = []
+    for _ in range(n):
+        sent += post_one(ram, driver, 1)
+        assert driver.needs_kick()
+        pair.process_tx_queue_event()
+        assert host.frames[-len(sent) :] == sent
+    return sent
+
+
 def start_tx_stream(tx) -> list[bytes]:
     """TX_DEFER_AFTER kicks, each for a large frame: a stream from then on."""
     ram, driver, pair, host = tx
     host.room = 1000
     pair.tx_defer_ns = DEFER_NS
-    sent = []
-    for _ in range(TX_DEFER_AFTER):
-        sent += post_large(ram, driver, 1)
-        assert driver.needs_kick()
-        pair.process_tx_queue_event()
+    sent = each_sent_at_its_kick(tx, post_large, TX_DEFER_AFTER)
     assert pair.tx_counters.deferrals == 0 and host.frames == sent
     return sent
 
@@ -865,11 +873,7 @@ def test_small_frames_from_the_guest_are_sent_at_their_kick_never_deferred(tx):
     ram, driver, pair, host = tx
     host.room = 1000
     pair.tx_defer_ns = DEFER_NS
-    for i in range(2 * TX_DEFER_AFTER):
-        post(ram, driver, 1)
-        assert driver.needs_kick()
-        pair.process_tx_queue_event()
-        assert len(host.frames) == i + 1
+    each_sent_at_its_kick(tx, post, 2 * TX_DEFER_AFTER)
     assert pair.tx_counters.deferrals == 0
 
 
@@ -877,11 +881,7 @@ def test_without_a_tx_deferral_set_every_large_frame_is_sent_at_its_kick(tx):
     ram, driver, pair, host = tx
     host.room = 1000
     assert pair.tx_defer_ns == 0  # QueuePair's default
-    for i in range(2 * TX_DEFER_AFTER):
-        post_large(ram, driver, 1)
-        assert driver.needs_kick()
-        pair.process_tx_queue_event()
-        assert len(host.frames) == i + 1
+    each_sent_at_its_kick(tx, post_large, 2 * TX_DEFER_AFTER)
     assert pair.tx_counters.deferrals == 0
 
 

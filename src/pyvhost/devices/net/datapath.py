@@ -380,10 +380,7 @@ class QueuePair:
             if self.tx_notifier is not None:
                 self.tx_notifier.cancel()
             self._stop_tx_polling()
-            if self._tx_deferred is not None:
-                self._tx_deferred.cancel()
-                self._tx_deferred = None
-            self._tx_streak = 0
+            self._end_tx_deferral()
             self._tx_ring = self.txq = self.tx_notifier = None
             self.tx_enabled = False
             if self._span_writer is not None:
@@ -450,6 +447,12 @@ class QueuePair:
     def _tx_deferral_over(self) -> None:
         self._tx_deferred = None
         self.process_tx_queue_event()
+
+    def _end_tx_deferral(self) -> None:
+        self._tx_streak = 0
+        if self._tx_deferred is not None:
+            self._tx_deferred.cancel()
+            self._tx_deferred = None
 
     def _resume_tx(self) -> None:
         self._tx_resume_pending = False

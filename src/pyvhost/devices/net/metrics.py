@@ -16,7 +16,9 @@ class QueueCounters:
     kicks: int = 0  # times the ring was served for a kick (and once when it starts)
     notifications_sent: int = 0
     notifications_suppressed: int = 0
-    deferrals: int = 0  # RX: times the TAP was left unread to gather a stream's frames
+    # A stream's deferrals: RX, the TAP left unread to gather frames; TX, a
+    # drain put off with kicks left off (datapath's RX_/TX_DEFER_AFTER).
+    deferrals: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
